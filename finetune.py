@@ -1,0 +1,299 @@
+"""Fine-tune a causal LM into a medical chat assistant with LoRA or QLoRA.
+
+    python finetune.py                                    # offline: built-in tiny model, bundled data
+    python finetune.py --base_model meta-llama/Llama-3.1-8B --data_path ../shared/datasets/chatdoctor/genmedgpt_5k.json \
+        --output_dir ./lora-chatdoctor --prompt_template_name chatdoctor --load_in_4bit
+    torchrun --nproc_per_node=4 finetune.py --base_model ... --data_path ... --output_dir ...
+    python finetune.py --help                             # every flag
+
+Reads and validates every record before the model loads, prints a data summary, trains, and saves
+the adapter (adapter_config.json, adapter_model.safetensors), the tokenizer and medlora_run.json
+(the resolved settings) into --output_dir. Flags keep alpaca-lora's names and meanings.
+"""
+
+import functools
+import json
+import logging
+from collections import namedtuple
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import fire
+
+from medlora.errors import MedLoRAError, exit_on_error
+from medlora.records import load_conversations
+from medlora.templates import PromptTemplate
+from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
+
+DEFAULT_DATA = str(PROJECT_ROOT / "data" / "sft")
+FinetuneResult = namedtuple("FinetuneResult", "model tokenizer trainer train_report")
+logger = logging.getLogger("finetune")
+
+
+def train(
+    # model and data
+    base_model: str = BUILTIN_TINY_MODEL,
+    data_path: str = DEFAULT_DATA,
+    output_dir: str = "./lora-medlora",
+    field_map: str = "",
+    prompt_template_name: str = "alpaca",
+    # training hyperparameters
+    batch_size: int = 128,
+    micro_batch_size: int = 4,
+    num_epochs: int = 3,
+    max_steps: int = -1,
+    learning_rate: float = 3e-4,
+    warmup_steps: int = 100,
+    cutoff_len: int = 256,
+    val_set_size: float = 0.05,
+    seed: int = 42,
+    # lora hyperparameters
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    lora_target_modules: str | list | None = None,
+    # llm hyperparameters
+    train_on_inputs: bool = False,
+    add_eos_token: bool = True,
+    group_by_length: bool = False,
+    packing: bool | None = None,
+    precision: str = "auto",
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    trust_remote_code: bool = False,
+    # logging, evaluation, checkpoints
+    logging_steps: int = 10,
+    eval_steps: int = 200,
+    save_steps: int = 200,
+    save_total_limit: int = 3,
+    report_to: str = "none",
+    wandb_project: str = "",
+    wandb_run_name: str = "",
+    wandb_watch: str = "",
+    wandb_log_model: str = "",
+    resume_from_checkpoint: str | bool | None = None,
+    list_templates: bool = False,
+):
+    """Fine-tune BASE_MODEL on DATA_PATH with LoRA and save the adapter to OUTPUT_DIR.
+
+    Returns a FinetuneResult (model, tokenizer, trainer, data report) when called from Python.
+
+    Args:
+        base_model: Hub id or local folder of a causal LM. The default, builtin:tiny-llama, is a toy model built offline.
+        data_path: A .json/.jsonl/.csv/.parquet file, a folder of them, or a hub dataset name.
+        output_dir: Where the adapter, tokenizer, medlora_run.json and checkpoints go.
+        field_map: JSON mapping our field names to your columns, e.g. '{"input": "question", "output": "answer"}'.
+        prompt_template_name: A template in templates/ (see --list_templates), or a path to a template .json.
+        batch_size: Examples per optimizer step, all processes together.
+        micro_batch_size: Examples per forward pass on one device; accumulation makes up the rest.
+        num_epochs: Passes over the training records.
+        max_steps: If > 0, stop after this many optimizer steps (overrides num_epochs).
+        learning_rate: Peak learning rate (linear warmup, then linear decay).
+        warmup_steps: Optimizer steps of linear warmup.
+        cutoff_len: Maximum tokens per record; longer records are truncated (and dropped if no reply token is left).
+        val_set_size: Records held out for validation: a count, or a fraction when below 1; 0 for none.
+        seed: Seed for the split, the shuffling, LoRA initialisation and dropout.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).
+        lora_dropout: Dropout on the LoRA input.
+        lora_target_modules: Module names (comma-separated or a list), or all-linear; default: the architecture's usual attention projections.
+        train_on_inputs: Also train on prompt tokens; by default the loss covers the assistant's replies only.
+        add_eos_token: End every reply with EOS so that the tuned model learns to stop.
+        group_by_length: Draw batches of similar length (less padding when --packing is off).
+        packing: Padding-free batches (records of a micro-batch in one row, no pad token). Default: on where the architecture supports it.
+        precision: auto (bf16, else fp16 on GPUs; fp32 on CPU), fp32, bf16 or fp16.
+        load_in_4bit: QLoRA: load the base in 4-bit NF4 with double quantization (bitsandbytes).
+        load_in_8bit: Load the base in 8-bit (bitsandbytes).
+        trust_remote_code: Run the model repository's own Python code (only for repositories you trust).
+        logging_steps: Log the training loss every this many optimizer steps.
+        eval_steps: Evaluate on the validation records every this many optimizer steps.
+        save_steps: Write a resumable checkpoint every this many optimizer steps.
+        save_total_limit: Keep at most this many checkpoints.
+        report_to: none, tensorboard (logs under output_dir/runs) or wandb.
+        wandb_project: Weights & Biases project; setting it turns on wandb reporting.
+        wandb_run_name: Weights & Biases run name.
+        wandb_watch: Weights & Biases model watching: false, gradients or all.
+        wandb_log_model: Upload checkpoints to Weights & Biases: false or true.
+        resume_from_checkpoint: A checkpoint folder to resume from, or True for the latest in output_dir.
+        list_templates: Print the available templates and exit.
+    """
+    if list_templates:
+        from medlora.templates import available_templates
+
+        for name in available_templates():
+            print(f"{name:14s} {PromptTemplate.load(name).description}")
+        return
+    started = time.time()
+    settings = dict(locals())
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    is_main = int(os.environ.get("RANK", 0)) == 0
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
+    if batch_size % (micro_batch_size * world_size):
+        raise MedLoRAError(f"--batch_size {batch_size} must be a multiple of --micro_batch_size {micro_batch_size} "
+                           f"x {world_size} processes")
+    gradient_accumulation_steps = batch_size // (micro_batch_size * world_size)
+    if report_to not in ("none", "tensorboard", "wandb"):
+        raise MedLoRAError(f"--report_to: unknown value {report_to!r}; use none, tensorboard or wandb")
+    if wandb_project or report_to == "wandb":
+        report_to = "wandb"
+        for key, value in dict(WANDB_PROJECT=wandb_project, WANDB_WATCH=wandb_watch, WANDB_LOG_MODEL=wandb_log_model).items():
+            if value:
+                os.environ[key] = value
+
+    # ---- data: read and validate every record before any model is loaded -------------------------------
+    template = PromptTemplate.load(prompt_template_name)
+    loaded = load_conversations(data_path, field_map)
+    conversations = loaded.conversations
+    random.Random(seed).shuffle(conversations)
+    val_count = int(val_set_size * len(conversations)) if 0 < val_set_size < 1 else int(val_set_size)
+    if val_count >= len(conversations):
+        raise MedLoRAError(f"--val_set_size {val_set_size} leaves no training records out of {len(conversations)}")
+    val_conversations, train_conversations = conversations[:val_count], conversations[val_count:]
+
+    from medlora.modeling import (choose_dtype, count_parameters, fit_embeddings_to_tokenizer, load_base_model,
+                                  load_tokenizer, resolve_base_model, resolve_lora_targets)
+    from medlora.tokenization import ConversationEncoder
+
+    model_path = resolve_base_model(base_model)
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    encoder = ConversationEncoder(tokenizer, template, cutoff_len, train_on_inputs, add_eos_token)
+    train_report = encoder.encode(train_conversations)
+    val_report = encoder.encode(val_conversations)
+    if not train_report.examples:
+        raise MedLoRAError(f"{data_path}: no training record has a trained token left after truncation at "
+                           f"--cutoff_len {cutoff_len}")
+
+    # ---- model ---------------------------------------------------------------------------------------------
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from medlora.training import LabelOnlyLossTrainer, PackedCollator, PaddedCollator, supports_packing
+
+    transformers.set_seed(seed)
+    dtype = choose_dtype(precision)
+    model = load_base_model(model_path, dtype, load_in_4bit, load_in_8bit, trust_remote_code)
+    fit_embeddings_to_tokenizer(model, tokenizer)
+    if load_in_4bit or load_in_8bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = resolve_lora_targets(model, lora_target_modules)
+    lora_config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                             bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora_config)
+    trainable, total = count_parameters(model)
+    if packing is None:
+        packing = supports_packing(model)
+    elif packing and not supports_packing(model):
+        raise MedLoRAError(f"--packing: the {model.config.model_type} architecture does not support padding-free batches")
+
+    print_data_summary(loaded, train_report, val_report, cutoff_len, trainable, total, template, is_main)
+
+    as_dicts = lambda report: [{"input_ids": e.input_ids, "labels": e.labels} for e in report.examples]  # noqa: E731
+    use_gpu_amp = torch.cuda.is_available() and load_in_4bit is False and load_in_8bit is False
+    args = transformers.TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=micro_batch_size,
+        per_device_eval_batch_size=micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        num_train_epochs=num_epochs,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
+        fp16=dtype == torch.float16 and use_gpu_amp,
+        logging_steps=logging_steps,
+        eval_strategy="steps" if val_report.examples else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=save_total_limit,
+        report_to=[] if report_to == "none" else [report_to],
+        run_name=wandb_run_name or None,
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        seed=seed,
+        data_seed=seed,
+        ddp_find_unused_parameters=False if world_size > 1 else None,
+        disable_tqdm=not is_main,
+    )
+    trainer = LabelOnlyLossTrainer(
+        model=model,
+        args=args,
+        train_dataset=as_dicts(train_report),
+        eval_dataset=as_dicts(val_report) or None,
+        data_collator=PackedCollator() if packing else PaddedCollator(tokenizer.pad_token_id),
+    )
+    model.config.use_cache = False
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+
+    # ---- save ----------------------------------------------------------------------------------------------
+    if trainer.is_world_process_zero():
+        settings.update(base_model=base_model, resolved_base_model=model_path, prompt_template_name=template.name,
+                        lora_target_modules=targets, packing=packing, dtype=str(dtype).replace("torch.", ""),
+                        world_size=world_size, gradient_accumulation_steps=gradient_accumulation_steps)
+        save_adapter(model, tokenizer, output_dir, settings, trainer.state.log_history)
+        elapsed = time.time() - started
+        tokens = train_report.trained_tokens * result.metrics.get("epoch", num_epochs)
+        print(f"done in {elapsed:.0f}s: {result.global_step} steps, final training loss {result.training_loss:.4f}, "
+              f"~{tokens / max(result.metrics['train_runtime'], 1e-9):.0f} trained tokens/s; adapter in {output_dir}")
+    return FinetuneResult(model, tokenizer, trainer, train_report)
+
+
+def print_data_summary(loaded, train_report, val_report, cutoff_len, trainable, total, template, is_main):
+    if not is_main:
+        return
+    read = len(loaded.conversations)
+    dropped = train_report.dropped + val_report.dropped
+    used = len(train_report.examples) + len(val_report.examples)
+    pct = train_report.percentiles()
+    lines = [
+        f"data: {loaded.describe()}",
+        f"records: {read} read, {used} used ({len(train_report.examples)} train, {len(val_report.examples)} validation), "
+        f"{sum(dropped.values())} dropped" + "".join(f"; {n} dropped: {reason}" for reason, n in dropped.items()),
+        f"template: {template.name}",
+        "tokens per training record: " + ", ".join(f"p{p} {v}" for p, v in pct.items()).replace("p100", "max"),
+        f"truncated at cutoff_len={cutoff_len}: {train_report.truncated + val_report.truncated} records",
+        f"trained tokens per epoch: {train_report.trained_tokens}",
+        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def save_adapter(model, tokenizer, output_dir, settings, log_history):
+    """Write the adapter through PEFT's own save_pretrained (never a patched state_dict, which is how
+    alpaca-lora users got empty adapter files), then check that it holds tensors."""
+    from safetensors import safe_open
+
+    from medlora.run_settings import save_run_settings
+
+    output_dir = Path(output_dir)
+    staging = output_dir / ".saving"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    save_run_settings(staging, settings)
+    (staging / "training_log.json").write_text(json.dumps(log_history, indent=1) + "\n")
+    with safe_open(staging / "adapter_model.safetensors", framework="pt") as saved:
+        if not list(saved.keys()):
+            raise RuntimeError("the saved adapter holds no tensors")
+    for item in staging.iterdir():
+        destination = output_dir / item.name
+        if destination.is_dir():
+            shutil.rmtree(destination)
+        item.replace(destination)
+    staging.rmdir()
+
+
+@functools.wraps(train)
+def cli(*args, **kwargs):
+    train(*args, **kwargs)  # fire would try to display a returned object
+
+
+if __name__ == "__main__":
+    exit_on_error(lambda: fire.Fire(cli))

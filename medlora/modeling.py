@@ -1,0 +1,210 @@
+"""Loading base models and tokenizers, and configuring LoRA, the same way in every stage."""
+
+import logging
+import os
+
+import torch
+
+from medlora.errors import MedLoRAError
+from medlora.tiny_model import BUILTIN_TINY_MODEL, ensure_tiny_model
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_base_model(base_model: str) -> str:
+    """A hub id or local folder as given; the built-in tiny model is built on first use."""
+    if not base_model:
+        raise MedLoRAError("--base_model is empty; give a hub id (e.g. meta-llama/Llama-3.1-8B) or a local folder")
+    if base_model == BUILTIN_TINY_MODEL:
+        return str(ensure_tiny_model())
+    return base_model
+
+
+# ---- devices and precision ---------------------------------------------------------------------------------
+def distributed_local_rank() -> int | None:
+    """This process's rank on its node under torchrun, or None outside torchrun."""
+    return int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
+
+
+def choose_dtype(precision: str = "auto") -> torch.dtype:
+    """auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (no fast bf16 on most CPUs)."""
+    named = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if precision != "auto":
+        if precision not in named:
+            raise MedLoRAError(f"--precision: unknown value {precision!r}; use auto, fp32, bf16 or fp16")
+        return named[precision]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------------------
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The base tokenizer, with a pad token that is not EOS.
+
+    A pad token equal to EOS is a classic trap: collators that mask pad positions mask EOS too, and
+    the tuned model never learns to stop. We reuse UNK when there is one, else add a <|pad|> token
+    (the model's embeddings are then resized by `fit_embeddings_to_tokenizer`).
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+        logger.info("pad token set to %r (id %d), distinct from EOS %r",
+                    tokenizer.pad_token, tokenizer.pad_token_id, tokenizer.eos_token)
+    tokenizer.padding_side = "left"  # for batched generation; training collators pad explicitly
+    return tokenizer
+
+
+def fit_embeddings_to_tokenizer(model, tokenizer) -> None:
+    """Grow the embeddings when the tokenizer gained tokens (a new pad token).
+
+    New rows are set to the mean of the old ones, deterministically, so that a base model loaded
+    again for an adapter gives exactly the same logits.
+    """
+    old_size = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= old_size:
+        return
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for embeddings in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
+            weight = embeddings.weight
+            weight[old_size:] = weight[:old_size].float().mean(dim=0).to(weight.dtype)
+
+
+# ---- model -------------------------------------------------------------------------------------------------
+def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype):
+    if load_in_4bit and load_in_8bit:
+        raise MedLoRAError("--load_in_4bit and --load_in_8bit exclude each other; pick one")
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_base_model(name_or_path: str, dtype: torch.dtype, load_in_4bit=False, load_in_8bit=False,
+                    trust_remote_code=False, device: str | None = None):
+    """The base model on one device per process: never device_map="auto" under torchrun, where every
+    rank must hold its own full copy on its own GPU."""
+    from transformers import AutoModelForCausalLM
+
+    local_rank = distributed_local_rank()
+    if device is None:
+        if torch.cuda.is_available():
+            device = f"cuda:{local_rank or 0}"
+        elif torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    quant = quantization_config(load_in_4bit, load_in_8bit, dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    if quant is None:
+        model.to(device)
+    return model
+
+
+# ---- LoRA ----------------------------------------------------------------------------------------------------
+def linear_module_names(model) -> list:
+    """The distinct last names of the model's Linear-like layers (nn.Linear, bitsandbytes layers, GPT-2's Conv1D)."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = set()
+    for full_name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)):
+            names.add(full_name.rsplit(".", 1)[-1])
+    output_layer = model.get_output_embeddings()
+    for full_name, module in model.named_modules():
+        if module is output_layer:
+            names.discard(full_name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def resolve_lora_targets(model, requested) -> list | str:
+    """--lora_target_modules as given (a list, a comma-separated string or "all-linear"), or the
+    usual attention projections for the model's architecture; unknown names fail before training."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    available = linear_module_names(model)
+    if requested in (None, "", []):
+        model_type = model.config.model_type
+        if model_type not in DEFAULTS:
+            raise MedLoRAError(f"no default LoRA targets for model type '{model_type}'; pass --lora_target_modules "
+                               f"(one or more of: {', '.join(available)}) or all-linear")
+        return list(DEFAULTS[model_type])
+    if requested == "all-linear":
+        return "all-linear"
+    if isinstance(requested, str):
+        requested = [name.strip() for name in requested.strip("[]").split(",") if name.strip()]
+    unknown = [name for name in requested if name not in available]
+    if unknown:
+        raise MedLoRAError(f"--lora_target_modules: {', '.join(unknown)} not in this model; "
+                           f"its Linear modules are: {', '.join(available)}")
+    return list(requested)
+
+
+def count_parameters(model) -> tuple:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+# ---- inference -------------------------------------------------------------------------------------------------
+class InferenceModel:
+    """What every inference stage needs: the model (base, base + adapter, or a merged export), its
+    tokenizer, and the prompt template the adapter was trained with (None when unknown)."""
+
+    def __init__(self, model, tokenizer, template_name, run_settings):
+        self.model, self.tokenizer, self.template_name, self.run_settings = model, tokenizer, template_name, run_settings
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+
+def load_for_inference(base_model: str | None = None, lora_weights: str | None = None, load_in_4bit=False,
+                       load_in_8bit=False, device: str | None = None, precision: str = "auto",
+                       trust_remote_code=False) -> InferenceModel:
+    """Load a base model with an optional LoRA adapter for generation or evaluation.
+
+    base_model defaults to the one the adapter was trained on (from its medlora_run.json), and the
+    tokenizer is the adapter's own copy when it has one (it may carry an added pad token).
+    """
+    from pathlib import Path
+
+    from medlora.run_settings import load_run_settings
+
+    settings = load_run_settings(lora_weights) if lora_weights else {}
+    if lora_weights and not (Path(str(lora_weights)) / "adapter_config.json").is_file() and not settings:
+        if Path(str(lora_weights)).exists():
+            raise MedLoRAError(f"{lora_weights}: no adapter_config.json; is this a LoRA adapter folder?")
+    base_model = base_model or settings.get("base_model")
+    if not base_model:
+        from peft import PeftConfig
+
+        base_model = PeftConfig.from_pretrained(lora_weights).base_model_name_or_path if lora_weights else None
+    if not base_model:
+        raise MedLoRAError("--base_model is needed (no adapter given, or the adapter does not name its base)")
+    model_path = resolve_base_model(base_model)
+    has_own_tokenizer = lora_weights and (Path(str(lora_weights)) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(lora_weights) if has_own_tokenizer else model_path, trust_remote_code)
+    model = load_base_model(model_path, choose_dtype(precision), load_in_4bit, load_in_8bit, trust_remote_code, device)
+    fit_embeddings_to_tokenizer(model, tokenizer)
+    if lora_weights:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(lora_weights))
+    model.eval()
+    return InferenceModel(model, tokenizer, settings.get("prompt_template_name"), settings)

@@ -1,0 +1,217 @@
+"""Reading training data: files, folders or hub datasets; format detection; validation of every record.
+
+Formats, detected per file from the first record's fields (after --field_map):
+  alpaca    {"instruction", "input"?, "output", "history"?, "system"?}
+  sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value"}], "system"?}
+  messages  {"messages": [{"role": "system"|"user"|"assistant", "content"}]}   (OpenAI style)
+
+Every problem is a MedLoRAError naming the file, the record and the field. Nothing is dropped here:
+a record is either valid or the run stops.
+"""
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medlora.errors import MedLoRAError
+from medlora.templates import Conversation
+
+SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "model": "assistant", "bard": "assistant", "system": "system"}
+MESSAGE_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class LoadedData:
+    conversations: list
+    formats: dict = field(default_factory=dict)  # source name -> (format, record count)
+
+    def describe(self) -> str:
+        return "; ".join(f"{source}: {fmt}, {count} records" for source, (fmt, count) in self.formats.items())
+
+
+def parse_field_map(field_map) -> dict:
+    """--field_map '{"input": "question", "output": "answer"}': our field name -> the file's column name."""
+    if field_map is None or field_map == "":
+        return {}
+    if isinstance(field_map, str):
+        try:
+            field_map = json.loads(field_map)
+        except json.JSONDecodeError as error:
+            raise MedLoRAError(f"--field_map: not a JSON object: {error}") from None
+    if not isinstance(field_map, dict) or not all(isinstance(v, str) for v in field_map.values()):
+        raise MedLoRAError("--field_map: must map our field names to column names, e.g. '{\"output\": \"answer\"}'")
+    return dict(field_map)
+
+
+def load_conversations(data_path, field_map=None) -> LoadedData:
+    """Read and validate every record of a file, a folder of files or a hub dataset."""
+    field_map = parse_field_map(field_map)
+    path = Path(str(data_path)).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in SUPPORTED_SUFFIXES and p.is_file())
+        if not files:
+            raise MedLoRAError(f"{path}: folder has no {'/'.join(SUPPORTED_SUFFIXES)} files")
+        sources = [(str(p), read_file_records(p)) for p in files]
+    elif path.is_file():
+        sources = [(str(path), read_file_records(path))]
+    elif path.suffix in SUPPORTED_SUFFIXES or str(data_path).startswith((".", "/", "~")):
+        raise MedLoRAError(f"{data_path}: no such file or folder")
+    else:
+        sources = [(str(data_path), read_hub_records(str(data_path)))]
+
+    loaded = LoadedData([])
+    for source, records in sources:
+        if not records:
+            raise MedLoRAError(f"{source}: no records (empty file)")
+        records = [(number, rename_fields(record, field_map, source, number)) for number, record in records]
+        fmt = detect_format(records[0][1], source, records[0][0])
+        for number, record in records:
+            loaded.conversations.append(to_conversation(record, fmt, f"{source}: record {number}"))
+        loaded.formats[source] = (fmt, len(records))
+    return loaded
+
+
+# ---- reading -----------------------------------------------------------------------------------------
+def read_file_records(path: Path) -> list:
+    """[(record number, record dict)]; record numbers are 1-based (JSON Lines: the line number)."""
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            return list(enumerate(csv.DictReader(handle), start=1))
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(enumerate(pq.read_table(path).to_pylist(), start=1))
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):  # a JSON array (a .json file may also hold JSON Lines)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise MedLoRAError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
+        return list(enumerate(records, start=1))
+    records = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((line_number, json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise MedLoRAError(f"{path}: record {line_number}: invalid JSON: {error.msg} (column {error.colno})") from None
+    return records
+
+
+def read_hub_records(name: str) -> list:
+    """A dataset on the Hugging Face hub (or any name `datasets.load_dataset` understands): its train split."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split="train")
+    except Exception as error:  # the datasets library raises many types; the user needs the message
+        raise MedLoRAError(f"{name}: not a local file or folder, and loading it as a hub dataset failed: "
+                           f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+    return list(enumerate(dataset, start=1))
+
+
+def rename_fields(record, field_map: dict, source: str, number: int) -> dict:
+    if not isinstance(record, dict):
+        raise MedLoRAError(f"{source}: record {number}: expected a JSON object, got {type(record).__name__}")
+    if not field_map:
+        return record
+    renamed = dict(record)
+    for ours, theirs in field_map.items():
+        if theirs not in record:
+            raise MedLoRAError(f"{source}: record {number}: field '{theirs}' (mapped to '{ours}' by --field_map): missing")
+        renamed[ours] = renamed.pop(theirs)
+    return renamed
+
+
+def detect_format(record: dict, source: str, number: int) -> str:
+    if "conversations" in record:
+        return "sharegpt"
+    if "messages" in record:
+        return "messages"
+    if "instruction" in record or "output" in record:
+        return "alpaca"
+    raise MedLoRAError(
+        f"{source}: record {number}: unknown format: fields {sorted(record)}; expected alpaca "
+        "(instruction/input/output), sharegpt (conversations) or messages; map other names with --field_map"
+    )
+
+
+# ---- validation ----------------------------------------------------------------------------------------
+def _text(record: dict, key: str, where: str, required=True, allow_empty=False, field_name=None) -> str:
+    """record[key] as a string; field_name is how the error names it (default: key)."""
+    value, field_name = record.get(key), field_name or key
+    if value is None:
+        if required:
+            raise MedLoRAError(f"{where}: field '{field_name}': missing")
+        return ""
+    if not isinstance(value, str):
+        raise MedLoRAError(f"{where}: field '{field_name}': expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise MedLoRAError(f"{where}: field '{field_name}': empty")
+    return value
+
+
+def to_conversation(record: dict, fmt: str, where: str) -> Conversation:
+    if fmt == "alpaca":
+        return _alpaca(record, where)
+    key, role_key, content_key, roles = (
+        ("conversations", "from", "value", SHAREGPT_ROLES) if fmt == "sharegpt"
+        else ("messages", "role", "content", MESSAGE_ROLES)
+    )
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise MedLoRAError(f"{where}: field '{key}': expected a non-empty list of turns")
+    system = _text(record, "system", where, required=False, allow_empty=True) or None
+    messages = []
+    for index, turn in enumerate(turns):
+        turn_field = f"{key}[{index}]"
+        if not isinstance(turn, dict):
+            raise MedLoRAError(f"{where}: field '{turn_field}': expected an object with '{role_key}' and '{content_key}'")
+        role = roles.get(str(turn.get(role_key)).lower())
+        if role is None:
+            raise MedLoRAError(f"{where}: field '{turn_field}.{role_key}': unknown role {turn.get(role_key)!r}; "
+                               f"expected one of {sorted(roles)}")
+        content = _text(turn, content_key, where, allow_empty=(role == "system"),
+                        field_name=f"{turn_field}.{content_key}")
+        if role == "system":
+            if index != 0:
+                raise MedLoRAError(f"{where}: field '{turn_field}.{role_key}': a system turn may only come first")
+            system = content
+            continue
+        expected = "user" if len(messages) % 2 == 0 else "assistant"
+        if role != expected:
+            raise MedLoRAError(f"{where}: field '{turn_field}.{role_key}': expected a {expected} turn "
+                               "(turns must alternate, user first)")
+        messages.append({"role": role, "content": content})
+    if not messages or messages[-1]["role"] != "assistant":
+        raise MedLoRAError(f"{where}: field '{key}': the last turn must be the assistant's reply")
+    return Conversation(messages, system, where)
+
+
+def _alpaca(record: dict, where: str) -> Conversation:
+    instruction = _text(record, "instruction", where, allow_empty=True)
+    user_input = _text(record, "input", where, required=False, allow_empty=True)
+    if not instruction.strip() and not user_input.strip():
+        raise MedLoRAError(f"{where}: field 'instruction': empty (and no 'input')")
+    output = _text(record, "output", where)
+    system = _text(record, "system", where, required=False, allow_empty=True) or None
+    messages = []
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise MedLoRAError(f"{where}: field 'history': expected a list of [question, answer] pairs")
+    for index, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair)):
+            raise MedLoRAError(f"{where}: field 'history[{index}]': expected a pair of non-empty strings")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    first_user = {"role": "user", "content": instruction}
+    if user_input.strip():
+        first_user["input"] = user_input
+    if messages:  # with history, the record's own question is the last turn; its input joins the text
+        first_user = {"role": "user", "content": f"{instruction}\n\n{user_input}".strip()}
+    messages += [first_user, {"role": "assistant", "content": output}]
+    return Conversation(messages, system, where)
+

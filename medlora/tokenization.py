@@ -1,0 +1,125 @@
+"""Conversations to token ids and label masks, the same way for training and for generation prompts.
+
+Each conversation is rendered by its template to one text and tokenized whole (batched, fast
+tokenizer, character offsets), so the ids are exactly what the model sees when it is later given the
+same text as a prompt. Offsets mark which tokens belong to the assistant's replies: those are the
+trained tokens; every other label is -100 unless `train_on_inputs`. The EOS id is added after each
+reply (when `add_eos_token` and the reply does not already end with it), so the tuned model learns to stop.
+"""
+
+from bisect import bisect_left
+from collections import Counter
+from dataclasses import dataclass, field
+
+from medlora.errors import MedLoRAError
+from medlora.templates import Conversation, PromptTemplate
+
+IGNORE_INDEX = -100
+DROPPED_BY_TRUNCATION = "no trained token left after truncation at cutoff_len"
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list
+    labels: list
+
+
+@dataclass
+class EncodingReport:
+    examples: list
+    dropped: Counter = field(default_factory=Counter)  # reason -> count
+    truncated: int = 0
+    lengths: list = field(default_factory=list)  # token length of every kept example
+
+    def percentiles(self, points=(5, 50, 95, 100)) -> dict:
+        ordered = sorted(self.lengths)
+        if not ordered:
+            return {}
+        return {p: ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] for p in points}
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(sum(1 for label in ex.labels[1:] if label != IGNORE_INDEX) for ex in self.examples)
+
+
+def special_prefix_ids(tokenizer) -> list:
+    """The ids the tokenizer puts before text by default (BOS for LLaMA and Gemma, none for Qwen or GPT-2)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start:start + len(plain)] == plain:
+            return list(with_special[:start])
+    return []
+
+
+class ConversationEncoder:
+    def __init__(self, tokenizer, template: PromptTemplate, cutoff_len: int | None = None,
+                 train_on_inputs: bool = False, add_eos_token: bool = True):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.cutoff_len = cutoff_len
+        self.train_on_inputs = train_on_inputs
+        self.add_eos_token = add_eos_token and tokenizer.eos_token_id is not None
+        self.prefix_ids = special_prefix_ids(tokenizer)
+        if not getattr(tokenizer, "is_fast", True):
+            raise MedLoRAError(f"{type(tokenizer).__name__} is a slow tokenizer without character offsets; "
+                               "MedLoRA needs a fast (tokenizers-backed) tokenizer")
+
+    def encode(self, conversations: list, batch_size: int = 1000) -> EncodingReport:
+        """Training examples for every conversation; records left with no trained token are dropped and counted."""
+        report = EncodingReport([])
+        for start in range(0, len(conversations), batch_size):
+            for input_ids, labels in self._encode_batch(conversations[start:start + batch_size]):
+                if self.cutoff_len and len(input_ids) > self.cutoff_len:
+                    report.truncated += 1
+                    input_ids, labels = input_ids[: self.cutoff_len], labels[: self.cutoff_len]
+                    if all(label == IGNORE_INDEX for label in labels[1:]):
+                        report.dropped[DROPPED_BY_TRUNCATION] += 1
+                        continue
+                report.examples.append(EncodedExample(input_ids, labels))
+                report.lengths.append(len(input_ids))
+        return report
+
+    def encode_prompt(self, conversation: Conversation) -> list:
+        """Ids of a conversation that ends with a user turn: the prompt that generation continues."""
+        if conversation.messages[-1]["role"] != "user":
+            raise ValueError("a generation prompt must end with a user message")
+        return next(self._encode_batch([conversation]))[0]
+
+    def _encode_batch(self, conversations):
+        rendered = [self.template.render(c, self.tokenizer) for c in conversations]
+        encodings = self.tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
+        bos = self.tokenizer.bos_token
+        eos_text, eos_id = self.tokenizer.eos_token, self.tokenizer.eos_token_id
+        for item, ids, offsets in zip(rendered, encodings["input_ids"], encodings["offset_mapping"]):
+            # Chat templates often write the BOS text themselves; do not add a second one.
+            prefix = [] if bos and item.text.startswith(bos) else self.prefix_ids
+            starts = [start for start, _ in offsets]
+            trained = [False] * len(ids)
+            eos_positions = []
+            for span_start, span_end in item.assistant_spans:
+                first = bisect_left(starts, span_start)
+                while first > 0 and offsets[first - 1][1] > span_start:  # a token straddling the reply's start
+                    first -= 1
+                last = bisect_left(starts, span_end)  # tokens starting inside the reply
+                for position in range(first, last):
+                    trained[position] = True
+                if self.add_eos_token and not item.text[span_start:span_end].endswith(eos_text):
+                    eos_positions.append(last)
+            input_ids, labels = list(prefix), [IGNORE_INDEX] * len(prefix)
+            insert_at = iter(eos_positions + [None])
+            next_eos = next(insert_at)
+            for position, (token, is_trained) in enumerate(zip(ids, trained)):
+                while next_eos == position:
+                    input_ids.append(eos_id)
+                    labels.append(eos_id)
+                    next_eos = next(insert_at)
+                input_ids.append(token)
+                labels.append(token if (is_trained or self.train_on_inputs) else IGNORE_INDEX)
+            while next_eos is not None:  # EOS after a reply that ends the text
+                input_ids.append(eos_id)
+                labels.append(eos_id)
+                next_eos = next(insert_at)
+            if self.train_on_inputs:
+                labels = list(input_ids)
+            yield input_ids, labels

@@ -1,0 +1,105 @@
+"""Batches and the training loss.
+
+Two collators build micro-batches from encoded examples:
+  PaddedCollator  rows padded to the longest (a multiple of 8), with an attention_mask
+  PackedCollator  all examples of the micro-batch in one row, no padding at all: position_ids restart
+                  at every example and no attention_mask is passed, which makes transformers build a
+                  block-diagonal causal mask, so attention stays inside each example
+
+The loss (`LabelOnlyLossTrainer`) runs the model's output layer only at positions that carry a
+label: prompt positions need no logits, which saves most of the output-layer work and memory.
+It is normalised by the number of trained tokens in the whole accumulated (and distributed) batch,
+so that every token weighs the same whatever the micro-batch size, accumulation or world size.
+"""
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from medlora.tokenization import IGNORE_INDEX
+
+
+class PaddedCollator:
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: list) -> dict:
+        longest = max(len(ex["input_ids"]) for ex in examples)
+        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, ex in enumerate(examples):
+            length = len(ex["input_ids"])
+            input_ids[row, :length] = torch.tensor(ex["input_ids"])
+            labels[row, 1:length] = torch.tensor(ex["labels"][1:])  # position 0 is never predicted
+            attention_mask[row, :length] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class PackedCollator:
+    def __call__(self, examples: list) -> dict:
+        input_ids, labels, position_ids = [], [], []
+        for ex in examples:
+            length = len(ex["input_ids"])
+            input_ids += ex["input_ids"]
+            # The first label of each example is dropped: in a packed row it would be "predicted"
+            # from the previous example's last token.
+            labels += [IGNORE_INDEX] + list(ex["labels"][1:])
+            position_ids += range(length)
+        as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
+        return {"input_ids": as_row(input_ids), "labels": as_row(labels), "position_ids": as_row(position_ids)}
+
+
+def supports_packing(model) -> bool:
+    """Padding-free batches need a model that takes position_ids and builds its mask through
+    transformers' masking utilities (which detect packed rows from position_ids)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = inspect.signature(base.forward).parameters
+    return "position_ids" in forward and getattr(base, "_supports_attention_backend", False)
+
+
+def label_only_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+    """Cross-entropy over the positions that predict a label, computing logits only there.
+
+    Returns the summed loss divided by num_items_in_batch when given (the Trainer's count of trained
+    tokens across accumulation steps and devices), else the mean over this batch.
+    """
+    labels = inputs["labels"]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    batch_rows, positions = keep.nonzero(as_tuple=True)
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    # logits_to_keep takes the sequence positions; rows of a padded batch share them, so we keep the
+    # union of positions and pick each row's own ones below.
+    kept_positions = torch.unique(positions)
+    outputs = model(**model_inputs, use_cache=False, logits_to_keep=kept_positions)
+    logits = outputs.logits  # (batch, len(kept_positions), vocab)
+    column = torch.searchsorted(kept_positions, positions)
+    selected = logits[batch_rows, column].float()
+    loss = F.cross_entropy(selected, targets[batch_rows, positions], reduction="sum")
+    if num_items_in_batch is None:
+        return loss / max(1, int(keep.sum()))
+    return loss / num_items_in_batch
+
+
+class LabelOnlyLossTrainer(Trainer):
+    # compute_loss below already divides by the trained tokens of the whole accumulated batch.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Makes the Trainer count trained tokens per accumulated batch and pass them as num_items_in_batch.
+        self.model_accepts_loss_kwargs = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:  # evaluation: the plain mean over this batch's trained tokens
+            num_items_in_batch = None
+        loss = label_only_loss(model, inputs, num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # num_items_in_batch counts every rank's tokens while DDP averages gradients over ranks.
+            loss = loss * self.accelerator.num_processes
+        return (loss, {}) if return_outputs else loss

@@ -1,0 +1,61 @@
+"""Shared fixtures: the built-in tiny model (built once per test session into a private cache) and a
+small adapter trained by the real finetune.py, for the stages that load one."""
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+SAMPLE_SFT = ROOT / "data" / "sft"
+
+# Every test, and every script a test starts, uses one private cache for the tiny model.
+os.environ.setdefault("MEDLORA_CACHE", tempfile.mkdtemp(prefix="medlora-test-cache-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def shared_dataset(relative: str) -> Path:
+    """A file of ../shared/datasets, or a skip saying why (a user's clone has no shared folder)."""
+    path = SHARED_DATASETS / relative
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the real seed-project datasets live beside the repo only on dev and CI machines")
+    return path
+
+
+def run_script(*args, check=True, timeout=600, **kwargs) -> subprocess.CompletedProcess:
+    """Run a top-level script of the project (e.g. run_script("finetune.py", "--max_steps", "2"))."""
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args[0]} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> Path:
+    from medlora.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_path):
+    from medlora.modeling import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_path))
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory, tiny_model_path) -> Path:
+    """An adapter trained for a few steps by the real finetune.py on the bundled data (alpaca template)."""
+    output_dir = tmp_path_factory.mktemp("adapter") / "lora"
+    run_script("finetune.py", "--output_dir", output_dir, "--max_steps", 6, "--batch_size", 8,
+               "--micro_batch_size", 4, "--val_set_size", 0, "--warmup_steps", 0, "--learning_rate", 1e-2,
+               "--lora_target_modules", "all-linear", "--cutoff_len", 128, "--save_steps", 1000)
+    return output_dir

@@ -1,0 +1,119 @@
+"""finetune.py end to end on the built-in tiny model: errors, training, saving and reloading."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import finetune
+from medlora.modeling import load_for_inference
+from medlora.tiny_model import build_tiny_model
+from tests.conftest import SAMPLE_SFT, run_script
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_path):
+    output_dir = tmp_path_factory.mktemp("finetune") / "out"
+    result = finetune.train(output_dir=str(output_dir), max_steps=12, batch_size=8, micro_batch_size=4,
+                            learning_rate=3e-3, warmup_steps=0, logging_steps=1, val_set_size=16, eval_steps=6,
+                            lora_target_modules="all-linear", cutoff_len=192, save_steps=1000)
+    return output_dir, result
+
+
+def test_training_lowers_the_loss(trained):
+    output_dir, result = trained
+    losses = [entry["loss"] for entry in json.loads((output_dir / "training_log.json").read_text()) if "loss" in entry]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05
+    assert result.trainer.state.log_history == json.loads((output_dir / "training_log.json").read_text())
+
+
+def test_output_folder_holds_a_loadable_non_empty_adapter(trained):
+    output_dir, result = trained
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "medlora_run.json"):
+        assert (output_dir / name).is_file(), name
+    with safe_open(output_dir / "adapter_model.safetensors", framework="pt") as saved:
+        keys = list(saved.keys())
+    assert keys and all("lora_" in key for key in keys)
+    settings = json.loads((output_dir / "medlora_run.json").read_text())
+    assert settings["prompt_template_name"] == "alpaca" and settings["base_model"] == "builtin:tiny-llama"
+    assert settings["cutoff_len"] == 192 and settings["packing"] is True
+
+
+def test_reloaded_adapter_gives_the_same_logits(trained):
+    output_dir, result = trained
+    ids = result.tokenizer("A patient reports chest pain after exercise.", return_tensors="pt").input_ids
+    model = result.model.eval()
+    with torch.no_grad():
+        in_memory = model(input_ids=ids.to(model.device)).logits.cpu()
+        reloaded = load_for_inference(lora_weights=str(output_dir))
+        from_disk = reloaded.model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids.to(model.device)).logits.cpu()
+    assert reloaded.template_name == "alpaca"
+    assert (in_memory - from_disk).abs().max().item() < 1e-5
+    assert (in_memory - base).abs().max().item() > 1e-3  # the adapter really changed the model
+
+
+def test_padded_and_packed_batches_give_the_same_loss(tiny_model_path, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from medlora.modeling import load_base_model
+    from medlora.records import load_conversations
+    from medlora.templates import PromptTemplate
+    from medlora.tokenization import ConversationEncoder
+    from medlora.training import PackedCollator, PaddedCollator, label_only_loss
+
+    conversations = load_conversations(SAMPLE_SFT).conversations[:6]
+    report = ConversationEncoder(tiny_tokenizer, PromptTemplate.load("alpaca"), 256).encode(conversations)
+    examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in report.examples]
+    torch.manual_seed(0)
+    model = get_peft_model(load_base_model(str(tiny_model_path), torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.eval()
+    with torch.no_grad():
+        padded = label_only_loss(model, PaddedCollator(tiny_tokenizer.pad_token_id)(examples))
+        packed = label_only_loss(model, PackedCollator()(examples))
+        # And both equal the plain full-logits loss that transformers computes itself.
+        batch = PaddedCollator(tiny_tokenizer.pad_token_id)(examples)
+        reference = model(**batch).loss
+    assert abs(padded.item() - packed.item()) < 1e-4
+    assert abs(padded.item() - reference.item()) < 1e-4
+
+
+def test_bad_data_fails_in_one_line_and_writes_nothing(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "Q", "output": "A"}\n{"instruction": "Q", "output": ""}\n')
+    output_dir = tmp_path / "out"
+    result = run_script("finetune.py", "--data_path", data, "--output_dir", output_dir, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {data}: record 2: field 'output': empty"
+    assert not output_dir.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt_template_name", "nope"], "unknown prompt template 'nope'"),
+    (["--batch_size", "10", "--micro_batch_size", "4"], "--batch_size 10 must be a multiple of --micro_batch_size 4"),
+    (["--lora_target_modules", "q_proj,not_a_layer"], "not_a_layer not in this model; its Linear modules are: "
+                                                        "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
+])
+def test_bad_flags_fail_before_training(tmp_path, flags, message):
+    output_dir = tmp_path / "out"
+    result = run_script("finetune.py", "--output_dir", output_dir, *flags, check=False)
+    assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
+    assert not output_dir.exists()
+
+
+def test_tiny_model_build_is_deterministic(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    build_tiny_model(first, SAMPLE_SFT)
+    build_tiny_model(second, SAMPLE_SFT)
+    digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(first / "tokenizer.model") == digest(second / "tokenizer.model")
+    assert digest(first / "tokenizer.json") == digest(second / "tokenizer.json")
+    weights_a, weights_b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[key], weights_b[key]) for key in weights_a)
