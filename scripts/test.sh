@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what the tests need, then runs pytest.
+#   bash scripts/test.sh            (extra arguments go to pytest, e.g. -k export)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup_env.sh requirements-dev.txt
+# The web UI test drives Debian's Chromium (no browser is ever downloaded by a test tool).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "warning: could not install chromium"
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    (sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null) || echo "warning: could not install chromium"
+  else
+    echo "note: chromium is not installed and this user cannot install it; the web UI test will be skipped"
+  fi
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+python -m pytest "$@"
