@@ -12,23 +12,40 @@ the adapter (adapter_config.json, adapter_model.safetensors), the tokenizer and 
 """
 
 import functools
-import json
 import logging
-from collections import namedtuple
-import math
 import os
 import random
-import shutil
-import sys
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import fire
 
+from medlora import distributed
 from medlora.errors import MedLoRAError, exit_on_error
+from medlora.modeling import (
+    choose_dtype,
+    count_parameters,
+    fit_embeddings_to_tokenizer,
+    load_base_model,
+    load_tokenizer,
+    resolve_base_model,
+    resolve_lora_targets,
+    resolve_modules_to_save,
+    trainable_parameters_to_fp32,
+)
 from medlora.records import load_conversations
+from medlora.saving import save_trained_model
 from medlora.templates import PromptTemplate
 from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
+from medlora.tokenization import ConversationEncoder
+from medlora.training import (
+    LabelOnlyLossTrainer,
+    PackedCollator,
+    PaddedCollator,
+    latest_complete_checkpoint,
+    supports_packing,
+)
 
 DEFAULT_DATA = str(PROJECT_ROOT / "data" / "sft")
 FinetuneResult = namedtuple("FinetuneResult", "model tokenizer trainer train_report")
@@ -57,6 +74,11 @@ def train(
     lora_alpha: int = 16,
     lora_dropout: float = 0.05,
     lora_target_modules: str | list | None = None,
+    lora_modules_to_save: str | list | None = None,
+    use_lora: bool = True,
+    lora_weights: str = "",
+    use_dora: bool = False,
+    use_rslora: bool = False,
     # llm hyperparameters
     train_on_inputs: bool = False,
     add_eos_token: bool = True,
@@ -65,6 +87,8 @@ def train(
     precision: str = "auto",
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
+    gradient_checkpointing: bool = False,
+    neftune_noise_alpha: float | None = None,
     trust_remote_code: bool = False,
     # logging, evaluation, checkpoints
     logging_steps: int = 10,
@@ -102,6 +126,11 @@ def train(
         lora_alpha: LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).
         lora_dropout: Dropout on the LoRA input.
         lora_target_modules: Module names (comma-separated or a list), or all-linear; default: the architecture's usual attention projections.
+        lora_modules_to_save: Modules trained in full and saved with the adapter (e.g. lm_head,embed_tokens).
+        use_lora: False for full fine-tuning (every weight trained; the output folder is a whole model).
+        lora_weights: An existing adapter folder to continue training (e.g. from pretrain.py) instead of a new one.
+        use_dora: DoRA: weight-decomposed LoRA.
+        use_rslora: rank-stabilised LoRA scaling (lora_alpha / sqrt(lora_r)).
         train_on_inputs: Also train on prompt tokens; by default the loss covers the assistant's replies only.
         add_eos_token: End every reply with EOS so that the tuned model learns to stop.
         group_by_length: Draw batches of similar length (less padding when --packing is off).
@@ -109,6 +138,8 @@ def train(
         precision: auto (bf16, else fp16 on GPUs; fp32 on CPU), fp32, bf16 or fp16.
         load_in_4bit: QLoRA: load the base in 4-bit NF4 with double quantization (bitsandbytes).
         load_in_8bit: Load the base in 8-bit (bitsandbytes).
+        gradient_checkpointing: Recompute activations in the backward pass (non-reentrant): less memory, ~30% slower.
+        neftune_noise_alpha: NEFTune: add uniform noise of this scale to the input embeddings while training.
         trust_remote_code: Run the model repository's own Python code (only for repositories you trust).
         logging_steps: Log the training loss every this many optimizer steps.
         eval_steps: Evaluate on the validation records every this many optimizer steps.
@@ -130,8 +161,7 @@ def train(
         return
     started = time.time()
     settings = dict(locals())
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    is_main = int(os.environ.get("RANK", 0)) == 0
+    world_size, is_main = distributed.world_size(), distributed.is_main_process()
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
     if batch_size % (micro_batch_size * world_size):
         raise MedLoRAError(f"--batch_size {batch_size} must be a multiple of --micro_batch_size {micro_batch_size} "
@@ -144,57 +174,80 @@ def train(
         for key, value in dict(WANDB_PROJECT=wandb_project, WANDB_WATCH=wandb_watch, WANDB_LOG_MODEL=wandb_log_model).items():
             if value:
                 os.environ[key] = value
+    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
+        resume_from_checkpoint = latest_complete_checkpoint(output_dir)
+        if resume_from_checkpoint is None:
+            raise MedLoRAError(f"--resume_from_checkpoint True: no complete checkpoint in {output_dir}")
+    elif resume_from_checkpoint and not Path(resume_from_checkpoint, "trainer_state.json").is_file():
+        raise MedLoRAError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a checkpoint folder")
 
-    # ---- data: read and validate every record before any model is loaded -------------------------------
-    template = PromptTemplate.load(prompt_template_name)
-    loaded = load_conversations(data_path, field_map)
-    conversations = loaded.conversations
-    random.Random(seed).shuffle(conversations)
-    val_count = int(val_set_size * len(conversations)) if 0 < val_set_size < 1 else int(val_set_size)
-    if val_count >= len(conversations):
-        raise MedLoRAError(f"--val_set_size {val_set_size} leaves no training records out of {len(conversations)}")
-    val_conversations, train_conversations = conversations[:val_count], conversations[val_count:]
+    # ---- data: every record validated and tokenized once (on rank 0), before any model is loaded ----------
+    def prepare_data():
+        template = PromptTemplate.load(prompt_template_name)
+        loaded = load_conversations(data_path, field_map)
+        conversations = loaded.conversations
+        random.Random(seed).shuffle(conversations)
+        val_count = int(val_set_size * len(conversations)) if 0 < val_set_size < 1 else int(val_set_size)
+        if val_count >= len(conversations):
+            raise MedLoRAError(f"--val_set_size {val_set_size} leaves no training records out of {len(conversations)}")
+        model_path = resolve_base_model(base_model)
+        encoder = ConversationEncoder(load_tokenizer(model_path, trust_remote_code), template, cutoff_len,
+                                      train_on_inputs, add_eos_token)
+        train_report, val_report = encoder.encode(conversations[val_count:]), encoder.encode(conversations[:val_count])
+        if not train_report.examples:
+            raise MedLoRAError(f"{data_path}: no training record has a trained token left after truncation at "
+                               f"--cutoff_len {cutoff_len}")
+        return template, loaded.describe(), len(conversations), train_report, val_report, model_path
 
-    from medlora.modeling import (choose_dtype, count_parameters, fit_embeddings_to_tokenizer, load_base_model,
-                                  load_tokenizer, resolve_base_model, resolve_lora_targets)
-    from medlora.tokenization import ConversationEncoder
-
-    model_path = resolve_base_model(base_model)
-    tokenizer = load_tokenizer(model_path, trust_remote_code)
-    encoder = ConversationEncoder(tokenizer, template, cutoff_len, train_on_inputs, add_eos_token)
-    train_report = encoder.encode(train_conversations)
-    val_report = encoder.encode(val_conversations)
-    if not train_report.examples:
-        raise MedLoRAError(f"{data_path}: no training record has a trained token left after truncation at "
-                           f"--cutoff_len {cutoff_len}")
+    template, data_description, records_read, train_report, val_report, model_path = (
+        distributed.run_once_and_share(prepare_data))
 
     # ---- model ---------------------------------------------------------------------------------------------
     import torch
     import transformers
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    from medlora.training import LabelOnlyLossTrainer, PackedCollator, PaddedCollator, supports_packing
 
     transformers.set_seed(seed)
     dtype = choose_dtype(precision)
-    model = load_base_model(model_path, dtype, load_in_4bit, load_in_8bit, trust_remote_code)
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    # Full fine-tuning in fp16 keeps fp32 weights under autocast: fp16 trainable parameters underflow.
+    load_dtype = torch.float32 if (not use_lora and dtype == torch.float16) else dtype
+    model = load_base_model(model_path, load_dtype, load_in_4bit, load_in_8bit, trust_remote_code)
     fit_embeddings_to_tokenizer(model, tokenizer)
+    gradient_checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing loses LoRA gradients
     if load_in_4bit or load_in_8bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    targets = resolve_lora_targets(model, lora_target_modules)
-    lora_config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
-                             bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora_config)
+        if not use_lora:
+            raise MedLoRAError("--load_in_4bit/--load_in_8bit need LoRA: quantized weights cannot be trained directly")
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    targets = None
+    if use_lora and lora_weights:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, lora_weights, is_trainable=True)
+        targets = sorted(model.peft_config["default"].target_modules)
+    elif use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = resolve_lora_targets(model, lora_target_modules)
+        modules_to_save = resolve_modules_to_save(model, lora_modules_to_save) if lora_modules_to_save else None
+        model = get_peft_model(model, LoraConfig(
+            r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, bias="none",
+            task_type="CAUSAL_LM", use_dora=use_dora, use_rslora=use_rslora, modules_to_save=modules_to_save))
+    trainable_parameters_to_fp32(model)
     trainable, total = count_parameters(model)
     if packing is None:
         packing = supports_packing(model)
     elif packing and not supports_packing(model):
         raise MedLoRAError(f"--packing: the {model.config.model_type} architecture does not support padding-free batches")
 
-    print_data_summary(loaded, train_report, val_report, cutoff_len, trainable, total, template, is_main)
+    if is_main:
+        print_data_summary(data_description, records_read, train_report, val_report, cutoff_len, trainable, total,
+                           template)
 
     as_dicts = lambda report: [{"input_ids": e.input_ids, "labels": e.labels} for e in report.examples]  # noqa: E731
-    use_gpu_amp = torch.cuda.is_available() and load_in_4bit is False and load_in_8bit is False
+    on_gpu = torch.cuda.is_available()
     args = transformers.TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=micro_batch_size,
@@ -204,8 +257,11 @@ def train(
         max_steps=max_steps,
         learning_rate=learning_rate,
         warmup_steps=warmup_steps,
-        bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
-        fp16=dtype == torch.float16 and use_gpu_amp,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+        neftune_noise_alpha=neftune_noise_alpha,
         logging_steps=logging_steps,
         eval_strategy="steps" if val_report.examples else "no",
         eval_steps=eval_steps,
@@ -221,6 +277,7 @@ def train(
         data_seed=seed,
         ddp_find_unused_parameters=False if world_size > 1 else None,
         disable_tqdm=not is_main,
+        dataloader_pin_memory=on_gpu,
     )
     trainer = LabelOnlyLossTrainer(
         model=model,
@@ -237,7 +294,7 @@ def train(
         settings.update(base_model=base_model, resolved_base_model=model_path, prompt_template_name=template.name,
                         lora_target_modules=targets, packing=packing, dtype=str(dtype).replace("torch.", ""),
                         world_size=world_size, gradient_accumulation_steps=gradient_accumulation_steps)
-        save_adapter(model, tokenizer, output_dir, settings, trainer.state.log_history)
+        save_trained_model(model, tokenizer, output_dir, settings, trainer.state.log_history)
         elapsed = time.time() - started
         tokens = train_report.trained_tokens * result.metrics.get("epoch", num_epochs)
         print(f"done in {elapsed:.0f}s: {result.global_step} steps, final training loss {result.training_loss:.4f}, "
@@ -245,15 +302,12 @@ def train(
     return FinetuneResult(model, tokenizer, trainer, train_report)
 
 
-def print_data_summary(loaded, train_report, val_report, cutoff_len, trainable, total, template, is_main):
-    if not is_main:
-        return
-    read = len(loaded.conversations)
+def print_data_summary(data_description, read, train_report, val_report, cutoff_len, trainable, total, template):
     dropped = train_report.dropped + val_report.dropped
     used = len(train_report.examples) + len(val_report.examples)
     pct = train_report.percentiles()
     lines = [
-        f"data: {loaded.describe()}",
+        f"data: {data_description}",
         f"records: {read} read, {used} used ({len(train_report.examples)} train, {len(val_report.examples)} validation), "
         f"{sum(dropped.values())} dropped" + "".join(f"; {n} dropped: {reason}" for reason, n in dropped.items()),
         f"template: {template.name}",
@@ -263,31 +317,6 @@ def print_data_summary(loaded, train_report, val_report, cutoff_len, trainable, 
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
     ]
     print("\n".join(lines), flush=True)
-
-
-def save_adapter(model, tokenizer, output_dir, settings, log_history):
-    """Write the adapter through PEFT's own save_pretrained (never a patched state_dict, which is how
-    alpaca-lora users got empty adapter files), then check that it holds tensors."""
-    from safetensors import safe_open
-
-    from medlora.run_settings import save_run_settings
-
-    output_dir = Path(output_dir)
-    staging = output_dir / ".saving"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    save_run_settings(staging, settings)
-    (staging / "training_log.json").write_text(json.dumps(log_history, indent=1) + "\n")
-    with safe_open(staging / "adapter_model.safetensors", framework="pt") as saved:
-        if not list(saved.keys()):
-            raise RuntimeError("the saved adapter holds no tensors")
-    for item in staging.iterdir():
-        destination = output_dir / item.name
-        if destination.is_dir():
-            shutil.rmtree(destination)
-        item.replace(destination)
-    staging.rmdir()
 
 
 @functools.wraps(train)

@@ -132,10 +132,23 @@ def linear_module_names(model) -> list:
     return sorted(names)
 
 
+def resolve_modules_to_save(model, requested) -> list:
+    """--lora_modules_to_save: module names (comma-separated or a list) that exist in the model."""
+    if isinstance(requested, str):
+        requested = [name.strip() for name in requested.strip("[]").split(",") if name.strip()]
+    available = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name})
+    unknown = [name for name in requested if name not in available]
+    if unknown:
+        raise MedLoRAError(f"--lora_modules_to_save: {', '.join(unknown)} not in this model")
+    return list(requested)
+
+
 def resolve_lora_targets(model, requested) -> list | str:
     """--lora_target_modules as given (a list, a comma-separated string or "all-linear"), or the
     usual attention projections for the model's architecture; unknown names fail before training."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS,
+    )
 
     available = linear_module_names(model)
     if requested in (None, "", []):
@@ -208,3 +221,11 @@ def load_for_inference(base_model: str | None = None, lora_weights: str | None =
         model = PeftModel.from_pretrained(model, str(lora_weights))
     model.eval()
     return InferenceModel(model, tokenizer, settings.get("prompt_template_name"), settings)
+
+
+def trainable_parameters_to_fp32(model) -> None:
+    """Keep every trainable parameter in fp32 (LoRA weights, modules_to_save copies of a bf16/fp16
+    base): optimizer updates to fp16 weights underflow and the GradScaler refuses them."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype in (torch.float16, torch.bfloat16):
+            parameter.data = parameter.data.float()

@@ -13,6 +13,7 @@ so that every token weighs the same whatever the micro-batch size, accumulation 
 """
 
 import inspect
+import os
 
 import torch
 import torch.nn.functional as F
@@ -103,3 +104,24 @@ class LabelOnlyLossTrainer(Trainer):
             # num_items_in_batch counts every rank's tokens while DDP averages gradients over ranks.
             loss = loss * self.accelerator.num_processes
         return (loss, {}) if return_outputs else loss
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        # Written last, after every rank saved its part: resume only trusts checkpoints that have it.
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            open(os.path.join(folder, CHECKPOINT_COMPLETE), "w").close()
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------
+CHECKPOINT_COMPLETE = "medlora_checkpoint_complete"
+
+
+def latest_complete_checkpoint(output_dir) -> str | None:
+    """The newest checkpoint-N folder whose save finished (a run killed mid-save leaves one without the marker)."""
+    from pathlib import Path
+
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    complete = [p for p in folders if (p / CHECKPOINT_COMPLETE).is_file()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None

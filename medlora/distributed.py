@@ -1,0 +1,48 @@
+"""torchrun support: who we are, and doing work once on rank 0 and sharing the result."""
+
+import os
+
+import torch
+
+from medlora.errors import MedLoRAError
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def init_distributed() -> None:
+    """Start the process group early (the Trainer reuses it), so ranks can share prepared data."""
+    import torch.distributed as dist
+
+    if world_size() > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def run_once_and_share(work):
+    """Run work() on rank 0 only and give every rank its result.
+
+    Validation and tokenization then happen once; a MedLoRAError on rank 0 is raised on every rank
+    (instead of leaving the others waiting forever)."""
+    if world_size() == 1:
+        return work()
+    import torch.distributed as dist
+
+    init_distributed()
+    payload = [None]
+    if is_main_process():
+        try:
+            payload = [("ok", work())]
+        except MedLoRAError as error:
+            payload = [("error", str(error))]
+    dist.broadcast_object_list(payload, src=0)
+    status, value = payload[0]
+    if status == "error":
+        raise MedLoRAError(value)
+    return value
