@@ -278,6 +278,7 @@ def train(
         ddp_find_unused_parameters=False if world_size > 1 else None,
         disable_tqdm=not is_main,
         dataloader_pin_memory=on_gpu,
+        use_cpu=not on_gpu and not torch.backends.mps.is_available(),  # else torchrun on CPU runs unsynchronised copies
     )
     trainer = LabelOnlyLossTrainer(
         model=model,
