@@ -288,6 +288,10 @@ def train(
         data_collator=PackedCollator() if packing else PaddedCollator(tokenizer.pad_token_id),
     )
     model.config.use_cache = False
+    if is_main:
+        print(f"training: {world_size} process(es), {trainer.accelerator.distributed_type.value}, "
+              f"{str(dtype).replace('torch.', '')}, {'packed' if packing else 'padded'} batches, "
+              f"{gradient_accumulation_steps} accumulation step(s)", flush=True)
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
 
     # ---- save ----------------------------------------------------------------------------------------------
