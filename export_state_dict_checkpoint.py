@@ -1,0 +1,73 @@
+"""Merge a LoRA adapter into a LLaMA-family base model (llama, mistral) and save it in Meta's layout:
+consolidated.00.pth + params.json (+ tokenizer.model), as Meta's reference code and older tools read it.
+
+    python export_state_dict_checkpoint.py --lora_weights ./lora-medlora --output_dir ./ckpt
+    python export_state_dict_checkpoint.py --base_model meta-llama/Llama-2-7b-hf --lora_weights ./lora-chatdoctor \
+        --output_dir ./chatdoctor-meta --dtype float16
+    python export_state_dict_checkpoint.py --help          # every flag
+
+Tensor names follow Meta's (tok_embeddings, layers.N.attention.wq ..., feed_forward.w1/w2/w3, norm,
+output), wq/wk get Hugging Face's rotary permutation undone, and params.json is read from the model's
+config. The merge is checked exactly as in export_hf_checkpoint.py. See docs/export.md.
+"""
+
+import json
+import logging
+
+import fire
+
+from medlora.errors import exit_on_error
+
+
+def main(
+    base_model: str = "",  # empty: the base the adapter was trained on (from its medlora_run.json)
+    lora_weights: str = "./lora-medlora",  # the adapter folder finetune.py wrote
+    output_dir: str = "./ckpt",
+    dtype: str = "auto",  # auto (the base checkpoint's own dtype), float16, bfloat16 or float32
+    force: bool = False,  # replace a non-empty output_dir
+    device: str = "cpu",  # where to merge and check: cpu, or cuda when the model fits in GPU memory
+    trust_remote_code: bool = False,
+):
+    """Merge LORA_WEIGHTS into BASE_MODEL and save consolidated.00.pth and params.json to OUTPUT_DIR."""
+    import torch
+    from transformers import AutoConfig
+
+    from medlora.export import (check_meta_layout_supported, check_output_dir, copy_tokenizer_model, dtype_name,
+                                merge_adapter, meta_params, meta_state_dict, resolve_dtype, resolve_inputs,
+                                staged_output, write_export_note)
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    inputs = resolve_inputs(base_model, lora_weights)
+    target = check_output_dir(output_dir, force, inputs)
+    base_config = AutoConfig.from_pretrained(inputs.model_path, trust_remote_code=trust_remote_code)
+    check_meta_layout_supported(base_config)
+    torch_dtype = resolve_dtype(dtype, inputs.model_path, trust_remote_code)
+
+    merged = merge_adapter(inputs, torch_dtype, device, trust_remote_code)
+    tensors = meta_state_dict(merged.model, torch_dtype)
+    params = meta_params(merged.model.config, vocab_size=tensors["tok_embeddings.weight"].shape[0])
+    with staged_output(target) as staging:
+        print(f"saving to {target}", flush=True)
+        torch.save(tensors, staging / "consolidated.00.pth")
+        (staging / "params.json").write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
+        tokenizer_model = copy_tokenizer_model(inputs, staging)
+        write_export_note(staging, inputs, merged, "meta")
+
+    notes = []
+    if tokenizer_model is None:
+        notes.append("the base has no tokenizer.model to copy")
+    elif params["vocab_size"] > base_config.vocab_size:
+        notes.append(f"training grew the vocabulary from {base_config.vocab_size} to {params['vocab_size']} "
+                     "(a pad token): tokenizer.model does not know the added tokens")
+    sliding_window = getattr(merged.model.config, "sliding_window", None)
+    if sliding_window:
+        notes.append(f"Meta's layout has no sliding-window attention: outputs match up to {sliding_window} tokens")
+    print(f"done: {inputs.lora_weights} merged into the {merged.merged_into} ({inputs.base_model}), "
+          f"{dtype_name(torch_dtype)}, largest logit difference {merged.max_difference:.3g}; "
+          f"{len(tensors)} tensors in {target / 'consolidated.00.pth'}, params {json.dumps(params)}")
+    for note in notes:
+        print(f"note: {note}")
+
+
+if __name__ == "__main__":
+    exit_on_error(lambda: fire.Fire(main))
