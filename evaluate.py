@@ -1,0 +1,128 @@
+"""Score a base model and a LoRA adapter on medical multiple-choice questions (MedQA, MedMCQA, PubMedQA
+formats) and on the perplexity of held-out chat data, side by side.
+
+    python evaluate.py --lora_weights ./lora-medlora --data_path data/eval/medqa_style_sample.jsonl --compare
+    python evaluate.py --base_model meta-llama/Llama-3.1-8B --lora_weights ./lora-chatdoctor --compare \
+        --data_path medqa_test.jsonl --num_fewshot 3 --fewshot_path medqa_dev.jsonl --load_in_4bit \
+        --perplexity_path held_out.json --output_file report.json
+    python evaluate.py --lora_weights ./lora-medlora --method generate     # medAlpaca style: greedy reply, read the letter
+    python evaluate.py --help                                              # every flag
+
+Question files are read and checked before any model loads. Scores: --method loglik gives acc and
+acc_norm (lm-evaluation-harness definitions); --method generate gives acc and the number of replies
+with no readable answer. See docs/evaluate.md. Scores on benchmarks are not evidence of clinical safety.
+"""
+
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import fire
+
+from medlora.errors import MedLoRAError, exit_on_error
+from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
+
+DEFAULT_DATA = str(PROJECT_ROOT / "data" / "eval")
+METHODS = ("loglik", "generate")
+
+
+def main(
+    base_model: str = "",  # hub id or local folder (or a merged export); default: the adapter's base, else builtin:tiny-llama
+    lora_weights: str = "",  # LoRA adapter folder; empty scores the base model alone
+    data_path: str = DEFAULT_DATA,  # question file (.json/.jsonl), a folder of them, or "a.jsonl,b.jsonl"
+    method: str = "loglik",  # loglik (acc, acc_norm) or generate (greedy reply, letter extracted)
+    num_fewshot: int = 0,  # solved examples before each question
+    fewshot_path: str = "",  # question file to draw examples from; default: the same file, minus the question
+    limit: int = 0,  # score only the first N questions of each file (0: all)
+    batch_size: int = 8,  # sequences per forward pass
+    prompt_template: str = "",  # default: the adapter's template (medlora_run.json), else alpaca
+    output_file: str = "",  # JSON report with per-question predictions and option scores
+    compare: bool = False,  # score the base (adapter disabled) and the adapter in one run
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    perplexity_path: str = "",  # held-out SFT data (any format finetune.py reads): perplexity of the replies
+    cutoff_len: int | None = None,  # perplexity truncation; default: the adapter's cutoff_len, else 256
+    max_new_tokens: int = 32,  # --method generate: reply length
+    seed: int = 42,  # few-shot example draw
+    trust_remote_code: bool = False,
+):
+    """Evaluate BASE_MODEL (+ LORA_WEIGHTS) on the questions in DATA_PATH."""
+    from medlora.evaluation import Evaluator, ModelResults, load_question_file, pick_fewshot, question_files, summary_table
+    from medlora.records import load_conversations
+    from medlora.run_settings import load_run_settings
+    from medlora.templates import PromptTemplate
+
+    # ---- check flags and read every question before any model loads ------------------------------------------
+    if method not in METHODS:
+        raise MedLoRAError(f"--method: unknown value {method!r}; use loglik or generate")
+    if compare and not lora_weights:
+        raise MedLoRAError("--compare needs --lora_weights (the base is scored with the adapter disabled)")
+    if batch_size < 1 or num_fewshot < 0 or limit < 0:
+        raise MedLoRAError("--batch_size must be >= 1, --num_fewshot and --limit >= 0")
+    if lora_weights and str(lora_weights).startswith((".", "/", "~")) and not Path(lora_weights).expanduser().is_dir():
+        raise MedLoRAError(f"--lora_weights {lora_weights}: no such adapter folder")  # (a hub id is fine)
+    settings = load_run_settings(lora_weights) if lora_weights else (
+        load_run_settings(base_model) if base_model and Path(base_model).is_dir() else {})
+    template = PromptTemplate.load(prompt_template or settings.get("prompt_template_name") or "alpaca")
+    files = [load_question_file(path) for path in question_files(data_path)]
+    fewshot_pool = load_question_file(fewshot_path).questions if fewshot_path else None
+    tasks = []
+    for qfile in files:
+        questions = qfile.questions[:limit] if limit else qfile.questions
+        pool = fewshot_pool if fewshot_pool is not None else qfile.questions
+        tasks.append((qfile, questions, pick_fewshot(questions, pool, num_fewshot, seed, fewshot_pool is None)))
+    held_out = load_conversations(perplexity_path).conversations if perplexity_path else None
+    cutoff_len = cutoff_len or settings.get("cutoff_len") or 256
+
+    # ---- model ------------------------------------------------------------------------------------------------
+    from medlora.modeling import load_for_inference
+
+    loaded = load_for_inference(base_model or (None if lora_weights else BUILTIN_TINY_MODEL), lora_weights or None,
+                                load_in_4bit, load_in_8bit, trust_remote_code=trust_remote_code)
+    evaluator = Evaluator(loaded.model, loaded.tokenizer, template, batch_size, max_new_tokens)
+    if compare:
+        runs = {"base": loaded.model.disable_adapter(), "adapter": nullcontext()}
+    else:
+        runs = {"adapter" if lora_weights else "model": nullcontext()}
+
+    # ---- score ------------------------------------------------------------------------------------------------
+    results = {}
+    for name, context in runs.items():
+        results[name] = ModelResults()
+        with context:
+            for qfile, questions, shots in tasks:
+                score = evaluator.loglik if method == "loglik" else evaluator.generate
+                task = score(questions, shots, desc=f"{name}: {Path(qfile.path).name}")
+                results[name].tasks[qfile.path] = dict(format=qfile.format, method=method, num_fewshot=num_fewshot, **task)
+            if held_out is not None:
+                results[name].perplexity = evaluator.perplexity(held_out, cutoff_len, settings.get("add_eos_token", True),
+                                                                desc=f"{name}: perplexity")
+
+    # ---- report -----------------------------------------------------------------------------------------------
+    print(summary_table(results, files, method, num_fewshot, perplexity_path))
+    if output_file:
+        report = {
+            "settings": {"base_model": base_model or settings.get("base_model") or BUILTIN_TINY_MODEL,
+                         "lora_weights": lora_weights, "prompt_template": template.name, "method": method,
+                         "num_fewshot": num_fewshot, "fewshot_path": fewshot_path, "limit": limit, "seed": seed,
+                         "load_in_4bit": load_in_4bit, "load_in_8bit": load_in_8bit,
+                         "perplexity_path": perplexity_path, "cutoff_len": cutoff_len, "max_new_tokens": max_new_tokens},
+            "results": {name: {"tasks": r.tasks, "perplexity": r.perplexity} for name, r in results.items()},
+        }
+        write_json_atomically(output_file, report)
+        print(f"report: {output_file}")
+    print("Benchmark scores say nothing about clinical safety; model outputs are not medical advice.")
+
+
+def write_json_atomically(path, data) -> None:
+    """Write beside the target and rename, so an interrupted run never leaves half a report."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial")
+    staging.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(staging, path)
+
+
+if __name__ == "__main__":
+    exit_on_error(lambda: fire.Fire(main))
