@@ -34,6 +34,7 @@ from medlora.modeling import (
     resolve_modules_to_save,
     trainable_parameters_to_fp32,
 )
+from medlora.packed_attention import PACKED_ATTENTION, use_packed_attention
 from medlora.records import load_conversations
 from medlora.saving import save_trained_model
 from medlora.templates import PromptTemplate
@@ -213,6 +214,13 @@ def train(
     load_dtype = torch.float32 if (not use_lora and dtype == torch.float16) else dtype
     model = load_base_model(model_path, load_dtype, load_in_4bit, load_in_8bit, trust_remote_code)
     fit_embeddings_to_tokenizer(model, tokenizer)
+    if packing is None:
+        packing = supports_packing(model)
+    elif packing and not supports_packing(model):
+        raise MedLoRAError(f"--packing: the {model.config.model_type} architecture does not support padding-free batches")
+    attention = model.config._attn_implementation
+    if packing and use_packed_attention(model, cutoff_len):
+        attention = PACKED_ATTENTION
     gradient_checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing loses LoRA gradients
     if load_in_4bit or load_in_8bit:
         if not use_lora:
@@ -237,10 +245,6 @@ def train(
             task_type="CAUSAL_LM", use_dora=use_dora, use_rslora=use_rslora, modules_to_save=modules_to_save))
     trainable_parameters_to_fp32(model)
     trainable, total = count_parameters(model)
-    if packing is None:
-        packing = supports_packing(model)
-    elif packing and not supports_packing(model):
-        raise MedLoRAError(f"--packing: the {model.config.model_type} architecture does not support padding-free batches")
 
     if is_main:
         print_data_summary(data_description, records_read, train_report, val_report, cutoff_len, trainable, total,
@@ -290,11 +294,13 @@ def train(
     model.config.use_cache = False
     if is_main:
         print(f"training: {world_size} process(es), {trainer.accelerator.distributed_type.value}, "
-              f"{str(dtype).replace('torch.', '')}, {'packed' if packing else 'padded'} batches, "
+              f"{str(dtype).replace('torch.', '')}, {'packed' if packing else 'padded'} batches, {attention} attention, "
               f"{gradient_accumulation_steps} accumulation step(s)", flush=True)
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
 
     # ---- save ----------------------------------------------------------------------------------------------
+    if attention == PACKED_ATTENTION:  # a training-time choice; saved configs keep the stock implementation
+        model.set_attn_implementation("sdpa")
     if trainer.is_world_process_zero():
         settings.update(base_model=base_model, resolved_base_model=model_path, prompt_template_name=template.name,
                         lora_target_modules=targets, packing=packing, dtype=str(dtype).replace("torch.", ""),

@@ -43,7 +43,7 @@ class PaddedCollator:
 
 class PackedCollator:
     def __call__(self, examples: list) -> dict:
-        input_ids, labels, position_ids = [], [], []
+        input_ids, labels, position_ids, boundaries = [], [], [], [0]
         for ex in examples:
             length = len(ex["input_ids"])
             input_ids += ex["input_ids"]
@@ -51,8 +51,14 @@ class PackedCollator:
             # from the previous example's last token.
             labels += [IGNORE_INDEX] + list(ex["labels"][1:])
             position_ids += range(length)
+            boundaries.append(boundaries[-1] + length)
         as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
-        return {"input_ids": as_row(input_ids), "labels": as_row(labels), "position_ids": as_row(position_ids)}
+        return {"input_ids": as_row(input_ids), "labels": as_row(labels), "position_ids": as_row(position_ids),
+                # Record boundaries, for attention implementations that work per record (medlora_packed, flash).
+                "cu_seq_lens_q": torch.tensor(boundaries, dtype=torch.int32),
+                "cu_seq_lens_k": torch.tensor(boundaries, dtype=torch.int32),
+                "max_length_q": max(len(ex["input_ids"]) for ex in examples),
+                "max_length_k": max(len(ex["input_ids"]) for ex in examples)}
 
 
 def supports_packing(model) -> bool:

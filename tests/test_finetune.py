@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import finetune
 from medlora.modeling import load_for_inference
+from medlora.packed_attention import use_packed_attention
 from medlora.tiny_model import build_tiny_model
 from tests.conftest import SAMPLE_SFT, run_script
 
@@ -76,11 +77,16 @@ def test_padded_and_packed_batches_give_the_same_loss(tiny_model_path, tiny_toke
     model.eval()
     with torch.no_grad():
         padded = label_only_loss(model, PaddedCollator(tiny_tokenizer.pad_token_id)(examples))
-        packed = label_only_loss(model, PackedCollator()(examples))
+        packed_dense_mask = label_only_loss(model, PackedCollator()(examples))
         # And both equal the plain full-logits loss that transformers computes itself.
         batch = PaddedCollator(tiny_tokenizer.pad_token_id)(examples)
         reference = model(**batch).loss
-    assert abs(padded.item() - packed.item()) < 1e-4
+        assert use_packed_attention(model, 256)
+        packed_per_record = label_only_loss(model, PackedCollator()(examples))
+        padded_with_packed_attention = label_only_loss(model, PaddedCollator(tiny_tokenizer.pad_token_id)(examples))
+    assert abs(padded.item() - packed_dense_mask.item()) < 1e-4
+    assert abs(padded.item() - packed_per_record.item()) < 1e-4
+    assert abs(padded.item() - padded_with_packed_attention.item()) < 1e-5
     assert abs(padded.item() - reference.item()) < 1e-4
 
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import finetune
 from medlora.modeling import load_for_inference
+from medlora.packed_attention import use_packed_attention
 from medlora.records import load_conversations
 from medlora.templates import PromptTemplate
 from medlora.tokenization import ConversationEncoder
@@ -148,9 +149,11 @@ def test_every_common_architecture_trains_with_its_default_targets(tmp_path, tin
     examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in report.examples]
     with torch.no_grad():
         padded = label_only_loss(model, PaddedCollator(tiny_tokenizer.pad_token_id)(examples))
+        reference = model(**PaddedCollator(tiny_tokenizer.pad_token_id)(examples)).loss
         if supports_packing(model):
             assert abs(label_only_loss(model, PackedCollator()(examples)).item() - padded.item()) < 1e-4
-        reference = model(**PaddedCollator(tiny_tokenizer.pad_token_id)(examples)).loss
+            assert use_packed_attention(model, 128)  # per-record attention, as finetune.py trains
+            assert abs(label_only_loss(model, PackedCollator()(examples)).item() - padded.item()) < 1e-4
     assert abs(padded.item() - reference.item()) < 1e-4
 
 
