@@ -1,0 +1,36 @@
+"""The README's own commands: the demo launcher, --help and --list_templates."""
+
+import os
+import subprocess
+
+from tests.conftest import ROOT, run_script
+
+
+def test_demo_script_trains_and_answers(tmp_path):
+    environment = dict(os.environ, MEDLORA_DEMO_OUTPUT_DIR=str(tmp_path / "demo"), MEDLORA_DEMO_MAX_STEPS="2")
+    result = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env=environment)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert (tmp_path / "demo" / "adapter_model.safetensors").is_file()
+    assert "done in" in result.stdout and "records: 520 read" in result.stdout
+    assert "not medical advice" in result.stdout.lower() + result.stderr.lower()
+
+
+def test_help_documents_every_flag():
+    import inspect
+
+    import finetune
+
+    result = run_script("finetune.py", "--help", env=dict(os.environ, PAGER="cat"))
+    for name, parameter in inspect.signature(finetune.train).parameters.items():
+        assert f"--{name}" in result.stdout + result.stderr
+    # Every flag has a sentence of its own under it, not only its type and default.
+    docstring = finetune.train.__doc__
+    for name in inspect.signature(finetune.train).parameters:
+        assert f"        {name}: " in docstring, name
+
+
+def test_list_templates():
+    result = run_script("finetune.py", "--list_templates")
+    assert result.stdout.splitlines()[0].startswith("alpaca ")
+    assert len(result.stdout.splitlines()) >= 12
