@@ -19,8 +19,8 @@ BUILTIN_TINY_MODEL = "builtin:tiny-llama"
 RECIPE_VERSION = 1
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TRAINING_TEXT_FILES = ["medical_chat_en.json", "medical_multiturn.jsonl", "medical_chat_zh.jsonl"]
-# Every width is a multiple of 32: bitsandbytes' CPU 4-bit inference kernels need that.
-MODEL_SHAPE = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+# Every width is a multiple of 64: bitsandbytes' CPU 4-bit inference kernels need that.
+MODEL_SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0)
 VOCAB_SIZE = 3000
 # A small ChatML chat template, so that the `chat` prompt template can be used with the tiny model too.

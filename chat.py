@@ -1,0 +1,130 @@
+"""Chat with a tuned model in the terminal, answers streamed as they are generated.
+
+    python chat.py --lora_weights ./lora-medlora
+    python chat.py --lora_weights ./lora-medlora --prompt "What can I do about a tension headache?"   # one answer
+    python chat.py --base_model meta-llama/Llama-3.1-8B --lora_weights ./lora-chatdoctor --load_4bit
+    python chat.py --help                                          # every flag
+
+Commands: /reset clears the conversation, /system <text> sets the system prompt (/system alone
+restores the template's), /exit or Ctrl-D quits. Ctrl-C stops an answer and keeps the session;
+Ctrl-C at the prompt quits. The oldest turns are dropped when the conversation outgrows the
+model's context. Model flags are generate.py's. Answers are not medical advice.
+"""
+
+import sys
+
+import fire
+
+from medlora.errors import MedLoRAError, exit_on_error
+from medlora.generation import DISCLAIMER, GenerationSettings
+
+USER_PROMPT = "You: "
+ASSISTANT_PREFIX = "Assistant: "
+HELP = "commands: /reset, /system <text>, /exit (or Ctrl-D); Ctrl-C stops an answer"
+
+
+def main(
+    # model (as in generate.py)
+    base_model: str = "",  # hub id, local folder or builtin:tiny-llama; default: the adapter's base model
+    lora_weights: str = "",  # adapter folder (or hub id); empty: the base (or merged) model alone
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    prompt_template: str = "",  # a name in templates/; default: the adapter's template, else alpaca
+    device: str = "",  # cuda, cuda:1, mps or cpu; default: the first available of these
+    precision: str = "auto",  # auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16
+    trust_remote_code: bool = False,
+    # generation
+    temperature: float = 0.7,  # 0: greedy
+    top_p: float = 0.9,
+    top_k: int = 40,
+    num_beams: int = 1,  # > 1: beam search (the answer is printed at once)
+    max_new_tokens: int = 256,
+    repetition_penalty: float = 1.1,
+    system: str | None = None,  # system prompt; default: the template's
+    prompt: str = "",  # answer this one question, print the answer and exit
+):
+    """Chat with BASE_MODEL + LORA_WEIGHTS in the terminal (or answer --prompt once)."""
+    settings = GenerationSettings(temperature, top_p, top_k, num_beams, max_new_tokens, repetition_penalty).validate()
+    if system is not None:
+        system = str(system)
+    from medlora.generation import ChatModel
+
+    # In one-shot mode stdout carries only the answer; everything else goes to stderr.
+    notes = sys.stderr if prompt else sys.stdout
+    print(DISCLAIMER, file=notes, flush=True)
+    chat = ChatModel.load(base_model, lora_weights, load_8bit, load_4bit, prompt_template, device, precision,
+                          trust_remote_code)
+    print(f"model: {chat.describe()}", file=sys.stderr, flush=True)
+
+    if prompt:
+        answer, _ = stream_answer(chat, [{"role": "user", "content": str(prompt)}], system, settings, "")
+        if not answer:
+            print("(the model gave an empty answer)", file=sys.stderr)
+        return None
+    chat_loop(chat, system, settings)
+    return None
+
+
+def chat_loop(chat, system, settings) -> None:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    print(HELP, flush=True)
+    messages = []
+    while True:
+        try:
+            line = input(USER_PROMPT)
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt
+            print()
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            messages = []
+            print("(conversation cleared)", flush=True)
+            continue
+        if text == "/system" or text.startswith("/system "):
+            system = text[len("/system"):].strip() or None
+            print(f"(system prompt: {chat.template.system if system is None else system!r})", flush=True)
+            continue
+        if text.startswith("/"):
+            print(f"(unknown command {text.split()[0]}; {HELP})", flush=True)
+            continue
+        messages.append({"role": "user", "content": text})
+        try:
+            answer, dropped = stream_answer(chat, messages, system, settings, ASSISTANT_PREFIX)
+        except MedLoRAError as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            messages.pop()
+            continue
+        if answer:
+            messages.append({"role": "assistant", "content": answer})
+            messages = messages[2 * dropped:]  # what no longer fits stays out
+        else:
+            messages.pop()  # stopped before any text: forget the question too
+
+
+def stream_answer(chat, messages, system, settings, prefix) -> tuple:
+    """Print the answer as it grows; Ctrl-C stops it. Returns (answer so far, exchanges dropped)."""
+    prepared = chat.prompt_for(messages, system, settings.max_new_tokens)
+    if prepared.dropped_exchanges:
+        print(f"(the {prepared.dropped_exchanges} oldest exchanges no longer fit the context and are left out)",
+              file=sys.stderr, flush=True)
+    print(prefix, end="", flush=True)
+    shown = ""
+    try:
+        for text in chat.stream_prompt(prepared.input_ids, settings):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    except KeyboardInterrupt:
+        print(" [stopped]", end="")
+    print(flush=True)
+    return shown, prepared.dropped_exchanges
+
+
+if __name__ == "__main__":
+    exit_on_error(lambda: fire.Fire(main))
