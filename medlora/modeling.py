@@ -92,9 +92,12 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: t
 
 
 def load_base_model(name_or_path: str, dtype: torch.dtype, load_in_4bit=False, load_in_8bit=False,
-                    trust_remote_code=False, device: str | None = None):
+                    trust_remote_code=False, device: str | None = None, auto_class=None, **from_pretrained_kwargs):
     """The base model on one device per process: never device_map="auto" under torchrun, where every
-    rank must hold its own full copy on its own GPU."""
+    rank must hold its own full copy on its own GPU.
+
+    auto_class (default AutoModelForCausalLM) and from_pretrained_kwargs load other heads the same
+    way, e.g. a reward model: auto_class=AutoModelForSequenceClassification, num_labels=1."""
     from transformers import AutoModelForCausalLM
 
     local_rank = distributed_local_rank()
@@ -105,12 +108,12 @@ def load_base_model(name_or_path: str, dtype: torch.dtype, load_in_4bit=False, l
             device = "mps"
         else:
             device = "cpu"
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, **from_pretrained_kwargs)
     quant = quantization_config(load_in_4bit, load_in_8bit, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    model = (auto_class or AutoModelForCausalLM).from_pretrained(name_or_path, **kwargs)
     if quant is None:
         model.to(device)
     return model

@@ -17,7 +17,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from medlora.tokenization import IGNORE_INDEX
 
@@ -122,6 +122,18 @@ class LabelOnlyLossTrainer(Trainer):
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
 CHECKPOINT_COMPLETE = "medlora_checkpoint_complete"
+
+
+class MarkCompleteCheckpoints(TrainerCallback):
+    """The same marker for trainers MedLoRA does not subclass (TRL's DPO, reward and GRPO trainers):
+    on_save runs on every rank once the checkpoint is written."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank has written its part
+        if args.should_save:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            open(os.path.join(folder, CHECKPOINT_COMPLETE), "w").close()
 
 
 def latest_complete_checkpoint(output_dir) -> str | None:

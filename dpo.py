@@ -1,0 +1,356 @@
+"""Preference tuning (DPO, IPO, ORPO or SimPO) of a medical chat model with LoRA or QLoRA, on TRL.
+
+    python dpo.py --lora_weights ./lora-medlora           # continue the SFT adapter on data/preference/
+    python dpo.py --lora_weights ./lora-medlora --data_path ../shared/datasets/medicalgpt/dpo_zh_500.jsonl \
+        --output_dir ./dpo-medlora --loss dpo --beta 0.1
+    python dpo.py --base_model ./hf_ckpt --prompt_template_name alpaca --loss orpo   # merged model, fresh LoRA
+    python dpo.py --base_model meta-llama/Llama-3.1-8B-Instruct --prompt_template_name llama3 --load_in_4bit
+    torchrun --nproc_per_node=4 dpo.py --lora_weights ./lora-medlora --data_path ... --output_dir ...
+    python dpo.py --help                                  # every flag
+
+Data: {"conversations": [... ending with the human turn], "chosen", "rejected"} (MedicalGPT) or
+{"prompt", "chosen", "rejected"}; every record is validated before the model loads. Prompts are
+rendered with the SFT adapter's prompt template (from its medlora_run.json) and tokenized exactly as
+finetune.py tokenizes them. Starting from --lora_weights, that adapter keeps training, and the DPO/IPO
+reference is a frozen copy of it (TRL adds it beside the trainable one: adapter-sized, not a second
+model); with a fresh LoRA the reference is the model with the adapter disabled. ORPO and SimPO need
+no reference. The reward accuracy and margin on the validation pairs (or the training pairs when
+there are none) are reported before and after training. The output folder is an adapter that
+chat.py, generate.py and evaluate.py load with --lora_weights and no other flag.
+"""
+
+import functools
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import fire
+import torch
+import torch.nn.functional as F
+from huggingface_hub import constants as hub_constants
+from trl import DPOTrainer
+
+from medlora import distributed
+from medlora.errors import MedLoRAError, exit_on_error
+from medlora.modeling import (
+    choose_dtype,
+    count_parameters,
+    fit_embeddings_to_tokenizer,
+    load_base_model,
+    load_tokenizer,
+    resolve_base_model,
+    resolve_lora_targets,
+    trainable_parameters_to_fp32,
+)
+from medlora.preference import encode_pairs, load_preference_pairs, restore_fp32_adapter
+from medlora.run_settings import load_run_settings
+from medlora.saving import save_trained_model
+from medlora.templates import PromptTemplate
+from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
+from medlora.training import MarkCompleteCheckpoints, latest_complete_checkpoint
+
+DEFAULT_DATA = str(PROJECT_ROOT / "data" / "preference")
+LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "orpo": None, "simpo": None}  # our name -> TRL's DPOConfig loss_type
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
+hub_constants.HF_HUB_DISABLE_TELEMETRY = True  # TRL's trainers report usage to the Hub; MedLoRA sends nothing
+logger = logging.getLogger("dpo")
+
+
+def train(
+    # model and data
+    base_model: str = "",
+    lora_weights: str = "",
+    data_path: str = DEFAULT_DATA,
+    output_dir: str = "./dpo-medlora",
+    field_map: str = "",
+    prompt_template_name: str = "",
+    # preference loss
+    loss: str = "dpo",
+    beta: float | None = None,
+    simpo_gamma: float = 1.0,
+    # training hyperparameters
+    batch_size: int = 16,
+    micro_batch_size: int = 2,
+    num_epochs: int = 1,
+    max_steps: int = -1,
+    learning_rate: float = 5e-5,
+    warmup_steps: int = 10,
+    cutoff_len: int = 512,
+    val_set_size: float = 0.05,
+    seed: int = 42,
+    # lora hyperparameters (a fresh adapter only: --lora_weights keeps its own)
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    lora_target_modules: str | list | None = None,
+    # model loading
+    precision: str = "auto",
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+    # logging, evaluation, checkpoints
+    logging_steps: int = 10,
+    eval_steps: int = 100,
+    save_steps: int = 100,
+    save_total_limit: int = 3,
+    report_to: str = "none",
+    wandb_project: str = "",
+    wandb_run_name: str = "",
+    resume_from_checkpoint: str | bool | None = None,
+):
+    """Tune a chat model on preference pairs from DATA_PATH and save the adapter to OUTPUT_DIR.
+
+    Returns the trainer when called from Python.
+
+    Args:
+        base_model: Hub id or local folder of a causal LM. Default: the base of --lora_weights, else builtin:tiny-llama.
+        lora_weights: The SFT adapter from finetune.py to continue (and, for DPO/IPO, the frozen reference); empty for a fresh LoRA.
+        data_path: A .json/.jsonl/.csv/.parquet file of preference pairs, a folder of them, or a hub dataset name.
+        output_dir: Where the adapter, tokenizer, medlora_run.json and checkpoints go.
+        field_map: JSON mapping our field names to your columns, e.g. '{"prompt": "question", "chosen": "good"}'.
+        prompt_template_name: A template in templates/, or a path to a template .json. Default: the adapter's, else alpaca.
+        loss: dpo (sigmoid DPO), ipo, orpo (odds ratio + SFT loss, no reference) or simpo (length-normalised, no reference).
+        beta: Strength of the preference term. Default: 0.1 for dpo, ipo and orpo (ORPO's lambda), 2.0 for simpo.
+        simpo_gamma: SimPO's target reward margin gamma (used with --loss simpo only).
+        batch_size: Pairs per optimizer step, all processes together.
+        micro_batch_size: Pairs per forward pass on one device; accumulation makes up the rest.
+        num_epochs: Passes over the training pairs.
+        max_steps: If > 0, stop after this many optimizer steps (overrides num_epochs).
+        learning_rate: Peak learning rate (linear warmup, then linear decay).
+        warmup_steps: Optimizer steps of linear warmup.
+        cutoff_len: Maximum tokens of prompt + reply; longer replies are cut, pairs whose prompt fills it are dropped.
+        val_set_size: Pairs held out for validation: a count, or a fraction when below 1; 0 for none.
+        seed: Seed for the split, the shuffling, LoRA initialisation and dropout.
+        lora_r: LoRA rank of a fresh adapter.
+        lora_alpha: LoRA scaling numerator of a fresh adapter.
+        lora_dropout: Dropout on the LoRA input of a fresh adapter.
+        lora_target_modules: Module names (comma-separated or a list), or all-linear, for a fresh adapter.
+        precision: auto (bf16, else fp16 on GPUs; fp32 on CPU), fp32, bf16 or fp16.
+        load_in_4bit: QLoRA: load the base in 4-bit NF4 with double quantization (bitsandbytes).
+        load_in_8bit: Load the base in 8-bit (bitsandbytes).
+        gradient_checkpointing: Recompute activations in the backward pass (non-reentrant): less memory, ~30% slower.
+        trust_remote_code: Run the model repository's own Python code (only for repositories you trust).
+        logging_steps: Log the loss and reward metrics every this many optimizer steps.
+        eval_steps: Evaluate on the validation pairs every this many optimizer steps.
+        save_steps: Write a resumable checkpoint every this many optimizer steps.
+        save_total_limit: Keep at most this many checkpoints.
+        report_to: none, tensorboard (logs under output_dir/runs) or wandb.
+        wandb_project: Weights & Biases project; setting it turns on wandb reporting.
+        wandb_run_name: Weights & Biases run name.
+        resume_from_checkpoint: A checkpoint folder to resume from, or True for the latest in output_dir.
+    """
+    started = time.time()
+    settings = dict(locals())
+    world_size, is_main = distributed.world_size(), distributed.is_main_process()
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
+    if loss not in LOSSES:
+        raise MedLoRAError(f"--loss: unknown value {loss!r}; use {', '.join(LOSSES)}")
+    beta = DEFAULT_BETA[loss] if beta is None else float(beta)
+    if batch_size % (micro_batch_size * world_size):
+        raise MedLoRAError(f"--batch_size {batch_size} must be a multiple of --micro_batch_size {micro_batch_size} "
+                           f"x {world_size} processes")
+    gradient_accumulation_steps = batch_size // (micro_batch_size * world_size)
+    if report_to not in ("none", "tensorboard", "wandb"):
+        raise MedLoRAError(f"--report_to: unknown value {report_to!r}; use none, tensorboard or wandb")
+    if wandb_project:
+        report_to, os.environ["WANDB_PROJECT"] = "wandb", wandb_project
+    if lora_weights and not Path(lora_weights, "adapter_config.json").is_file():
+        raise MedLoRAError(f"--lora_weights {lora_weights}: no adapter_config.json; is this an adapter folder?")
+    adapter_settings = load_run_settings(lora_weights) if lora_weights else {}
+    base_model = base_model or adapter_settings.get("base_model") or BUILTIN_TINY_MODEL
+    prompt_template_name = prompt_template_name or adapter_settings.get("prompt_template_name") or "alpaca"
+    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
+        resume_from_checkpoint = latest_complete_checkpoint(output_dir)
+        if resume_from_checkpoint is None:
+            raise MedLoRAError(f"--resume_from_checkpoint True: no complete checkpoint in {output_dir}")
+    elif resume_from_checkpoint and not Path(resume_from_checkpoint, "trainer_state.json").is_file():
+        raise MedLoRAError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a checkpoint folder")
+
+    # ---- data: every pair validated and tokenized once (on rank 0), before any model is loaded -------------
+    def prepare_data():
+        template = PromptTemplate.load(prompt_template_name)
+        loaded = load_preference_pairs(data_path, field_map)
+        pairs = loaded.pairs
+        random.Random(seed).shuffle(pairs)
+        val_count = int(val_set_size * len(pairs)) if 0 < val_set_size < 1 else int(val_set_size)
+        if val_count >= len(pairs):
+            raise MedLoRAError(f"--val_set_size {val_set_size} leaves no training pairs out of {len(pairs)}")
+        model_path = resolve_base_model(base_model)
+        tokenizer = load_tokenizer(lora_weights or model_path, trust_remote_code)
+        train_pairs = encode_pairs(tokenizer, template, pairs[val_count:], cutoff_len)
+        val_pairs = encode_pairs(tokenizer, template, pairs[:val_count], cutoff_len)
+        if not train_pairs.examples:
+            raise MedLoRAError(f"{data_path}: no training pair is left after truncation at --cutoff_len {cutoff_len}")
+        return template, loaded.describe(), len(pairs), train_pairs, val_pairs, model_path
+
+    template, data_description, pairs_read, train_pairs, val_pairs, model_path = (
+        distributed.run_once_and_share(prepare_data))
+
+    # ---- model ---------------------------------------------------------------------------------------------
+    import transformers
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+    from trl import DPOConfig
+
+    transformers.set_seed(seed)
+    dtype = choose_dtype(precision)
+    tokenizer = load_tokenizer(lora_weights or model_path, trust_remote_code)
+    model = load_base_model(model_path, dtype, load_in_4bit, load_in_8bit, trust_remote_code)
+    fit_embeddings_to_tokenizer(model, tokenizer)
+    gradient_checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing loses LoRA gradients
+    if load_in_4bit or load_in_8bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    peft_config = None
+    if lora_weights:
+        model = PeftModel.from_pretrained(model, lora_weights, is_trainable=True)
+        targets = sorted(model.peft_config["default"].target_modules)
+        trainable_parameters_to_fp32(model)
+    else:
+        targets = resolve_lora_targets(model, lora_target_modules)
+        peft_config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                                 bias="none", task_type="CAUSAL_LM")
+
+    on_gpu = torch.cuda.is_available()
+    args = DPOConfig(
+        output_dir=output_dir,
+        loss_type=LOSSES[loss] or "sigmoid",  # orpo and simpo replace the loss below
+        beta=beta,
+        max_length=None,  # pairs are already cut at --cutoff_len
+        per_device_train_batch_size=micro_batch_size,
+        per_device_eval_batch_size=micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        num_train_epochs=num_epochs,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+        logging_steps=logging_steps,
+        eval_strategy="steps" if val_pairs.examples else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=save_total_limit,
+        report_to=[] if report_to == "none" else [report_to],
+        run_name=wandb_run_name or None,
+        seed=seed,
+        data_seed=seed,
+        ddp_find_unused_parameters=False if world_size > 1 else None,
+        disable_tqdm=not is_main,
+        dataloader_pin_memory=on_gpu,
+        use_cpu=not on_gpu and not torch.backends.mps.is_available(),
+    )
+    train_dataset = Dataset.from_list(train_pairs.examples)
+    val_dataset = Dataset.from_list(val_pairs.examples) if val_pairs.examples else None
+    trainer = PreferenceTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=val_dataset,
+                                processing_class=tokenizer, peft_config=peft_config, callbacks=[MarkCompleteCheckpoints()],
+                                loss=loss, simpo_gamma=simpo_gamma)
+    restore_fp32_adapter(trainer.model)  # TRL casts QLoRA adapters to bf16; finetune.py keeps them fp32
+    trainable, total = count_parameters(trainer.model)
+    if is_main:
+        print_data_summary(data_description, pairs_read, train_pairs, val_pairs, cutoff_len, template, loss, beta,
+                           trainable, total, lora_weights)
+
+    # Before/after metrics on the validation pairs, else on the training pairs
+    measured_on = "validation" if val_dataset is not None else "training"
+    before = trainer.evaluate(val_dataset or train_dataset)
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    after = trainer.evaluate(val_dataset or train_dataset)
+
+    # ---- save ----------------------------------------------------------------------------------------------
+    model = trainer.model
+    if "ref" in model.peft_config:  # TRL's frozen reference copy is not part of the result
+        model.delete_adapter("ref")
+    if trainer.is_world_process_zero():
+        metrics = {key: {"before": before.get(f"eval_{key}"), "after": after.get(f"eval_{key}")}
+                   for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")}
+        settings.update(stage="preference", base_model=base_model, resolved_base_model=model_path,
+                        prompt_template_name=template.name, beta=beta, lora_target_modules=targets,
+                        dtype=str(dtype).replace("torch.", ""), world_size=world_size,
+                        gradient_accumulation_steps=gradient_accumulation_steps,
+                        preference_metrics={"measured_on": measured_on, **metrics})
+        save_trained_model(model, tokenizer, output_dir, settings, trainer.state.log_history)
+        accuracy, margin = metrics["rewards/accuracies"], metrics["rewards/margins"]
+        print(f"done in {time.time() - started:.0f}s: {result.global_step} steps, final training loss "
+              f"{result.training_loss:.4f}; on the {measured_on} pairs, reward accuracy {accuracy['before']:.3f} -> "
+              f"{accuracy['after']:.3f}, reward margin {margin['before']:.4f} -> {margin['after']:.4f}; "
+              f"adapter in {output_dir}")
+    return trainer
+
+
+def print_data_summary(data_description, read, train_pairs, val_pairs, cutoff_len, template, loss, beta, trainable,
+                       total, lora_weights):
+    dropped = train_pairs.dropped + val_pairs.dropped
+    lengths = sorted(len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
+                     for ex in train_pairs.examples)
+    print("\n".join([
+        f"data: {data_description}",
+        f"pairs: {read} read, {len(train_pairs.examples) + len(val_pairs.examples)} used "
+        f"({len(train_pairs.examples)} train, {len(val_pairs.examples)} validation), {sum(dropped.values())} dropped"
+        + "".join(f"; {n} dropped: {reason}" for reason, n in dropped.items()),
+        f"template: {template.name}; loss: {loss} (beta {beta})",
+        f"tokens per training pair: median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
+        f"truncated at cutoff_len={cutoff_len}: {train_pairs.truncated + val_pairs.truncated} pairs",
+        f"starting from: {lora_weights or 'a fresh LoRA adapter'}",
+        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
+    ]), flush=True)
+
+
+class PreferenceTrainer(DPOTrainer):
+    """TRL's DPOTrainer, fed pairs tokenized by medlora.preference, plus the reference-free ORPO and SimPO
+    losses (TRL 1.16 has them only in its experimental ORPO/CPO trainers, which tokenize differently)."""
+
+    def __init__(self, *args, loss="dpo", simpo_gamma=1.0, **kwargs):
+        self.medlora_loss, self.simpo_gamma = loss, simpo_gamma
+        super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset  # already {prompt_ids, chosen_ids, rejected_ids}, tokenized as finetune.py does
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if self.medlora_loss not in ("orpo", "simpo"):
+            return super()._compute_loss(model, inputs, return_outputs)
+        mode = "train" if self.model.training else "eval"
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
+                        use_cache=False, fused_lm_head=True)
+        mask = completion_mask[:, 1:]
+        token_logps = outputs.log_probs[:, -mask.size(1):]  # 0 outside the replies
+        mean_logps = token_logps.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # per-token average, as both papers use
+        chosen, rejected = mean_logps.chunk(2, dim=0)
+        if self.medlora_loss == "orpo":
+            # Hong et al. 2024: SFT loss on the chosen reply - lambda * log sigmoid(log odds ratio), where
+            # odds(y) = p / (1 - p) with p the reply's per-token average probability.
+            log1m = lambda logp: torch.log(-torch.expm1(logp.clamp(max=-1e-6)))  # noqa: E731  (log(1 - p))
+            log_odds = (chosen - rejected) - (log1m(chosen) - log1m(rejected))
+            chosen_mask, _ = mask.chunk(2, dim=0)
+            nll = -token_logps.chunk(2, dim=0)[0].sum() / chosen_mask.sum().clamp(min=1)
+            loss = nll - self.beta * F.logsigmoid(log_odds).mean()
+            self._metrics[mode]["nll_loss"].append(self.accelerator.gather(nll.detach()).mean().item())
+        else:  # Meng et al. 2024: -log sigmoid(beta * (average logp of chosen - of rejected) - gamma)
+            loss = -F.logsigmoid(self.beta * (chosen - rejected) - self.simpo_gamma).mean()
+        chosen_rewards, rejected_rewards = self.beta * chosen.detach(), self.beta * rejected.detach()
+        gathered = lambda values: self.accelerator.gather(values).mean().item()  # noqa: E731
+        self._metrics[mode]["rewards/chosen"].append(gathered(chosen_rewards))
+        self._metrics[mode]["rewards/rejected"].append(gathered(rejected_rewards))
+        self._metrics[mode]["rewards/accuracies"].append(gathered((chosen_rewards > rejected_rewards).float()))
+        self._metrics[mode]["rewards/margins"].append(gathered(chosen_rewards - rejected_rewards))
+        self._metrics[mode]["logps/chosen"].append(gathered(chosen.detach()))
+        self._metrics[mode]["logps/rejected"].append(gathered(rejected.detach()))
+        return (loss, outputs) if return_outputs else loss
+
+
+@functools.wraps(train)
+def cli(*args, **kwargs):
+    train(*args, **kwargs)  # fire would try to display a returned object
+
+
+if __name__ == "__main__":
+    exit_on_error(lambda: fire.Fire(cli))

@@ -1,0 +1,288 @@
+"""Preference pairs (a prompt, a chosen and a rejected reply) for DPO/ORPO/SimPO and reward models.
+
+Formats, detected per file from the first record's fields (after --field_map):
+  sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value"}...ending with a human turn],
+             "chosen", "rejected"}                                        (MedicalGPT's DPO and reward data)
+  messages  {"messages": [{"role", "content"}...ending with a user turn], "chosen", "rejected"}
+  prompt    {"prompt", "chosen", "rejected", "system"?, "history"?: [[question, answer], ...]}
+            (MedicalGPT's older {"question", "response_chosen", "response_rejected"} is read as this)
+
+Pairs are tokenized by the same ConversationEncoder as finetune.py: the prompt, then the reply and
+EOS, so that preference training sees exactly the tokens supervised fine-tuning saw. Every problem
+is a one-line MedLoRAError naming the file, the record and the field.
+"""
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medlora.errors import MedLoRAError
+from medlora.records import (
+    MESSAGE_ROLES,
+    SHAREGPT_ROLES,
+    SUPPORTED_SUFFIXES,
+    _text,
+    parse_field_map,
+    read_file_records,
+    read_hub_records,
+    rename_fields,
+)
+from medlora.templates import Conversation
+
+MEDICALGPT_REWARD_FIELDS = {"question": "prompt", "response_chosen": "chosen", "response_rejected": "rejected"}
+DROPPED_PROMPT_TOO_LONG = "prompt fills cutoff_len"
+DROPPED_SAME_AFTER_TRUNCATION = "chosen and rejected identical after truncation at cutoff_len"
+
+
+@dataclass
+class PreferencePair:
+    conversation: Conversation  # ends with the user turn both replies answer
+    chosen: str
+    rejected: str
+
+    @property
+    def source(self) -> str:
+        return self.conversation.source
+
+
+@dataclass
+class LoadedPreferences:
+    pairs: list
+    formats: dict = field(default_factory=dict)  # source -> (format, record count)
+
+    def describe(self) -> str:
+        return "; ".join(f"{source}: {fmt}, {count} pairs" for source, (fmt, count) in self.formats.items())
+
+
+@dataclass
+class EncodedPairs:
+    examples: list  # {"prompt_ids", "chosen_ids", "rejected_ids"}: the replies end with EOS
+    kept: list  # index into the pairs of each example
+    dropped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+
+    def sequences(self, which: str) -> list:
+        """Whole sequences (prompt + reply) for a reward model: which is "chosen" or "rejected"."""
+        return [ex["prompt_ids"] + ex[f"{which}_ids"] for ex in self.examples]
+
+
+# ---- reading and validation ------------------------------------------------------------------------------
+def load_preference_pairs(data_path, field_map=None) -> LoadedPreferences:
+    """Read and validate every record of a file, a folder of files or a hub dataset."""
+    field_map = parse_field_map(field_map)
+    path = Path(str(data_path)).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in SUPPORTED_SUFFIXES and p.is_file())
+        if not files:
+            raise MedLoRAError(f"{path}: folder has no {'/'.join(SUPPORTED_SUFFIXES)} files")
+        sources = [(str(p), read_file_records(p)) for p in files]
+    elif path.is_file():
+        sources = [(str(path), read_file_records(path))]
+    elif path.suffix in SUPPORTED_SUFFIXES or str(data_path).startswith((".", "/", "~")):
+        raise MedLoRAError(f"{data_path}: no such file or folder")
+    else:
+        sources = [(str(data_path), read_hub_records(str(data_path)))]
+
+    loaded = LoadedPreferences([])
+    for source, records in sources:
+        if not records:
+            raise MedLoRAError(f"{source}: no records (empty file)")
+        records = [(number, rename_fields(record, field_map, source, number)) for number, record in records]
+        fmt = detect_preference_format(records[0][1], source, records[0][0])
+        for number, record in records:
+            loaded.pairs.append(to_preference_pair(record, fmt, f"{source}: record {number}"))
+        loaded.formats[source] = (fmt, len(records))
+    return loaded
+
+
+def detect_preference_format(record: dict, source: str, number: int) -> str:
+    if "conversations" in record:
+        return "sharegpt"
+    if "messages" in record:
+        return "messages"
+    if "prompt" in record:
+        return "prompt"
+    if "question" in record and "response_chosen" in record:
+        return "medicalgpt_reward"
+    raise MedLoRAError(
+        f"{source}: record {number}: unknown preference format: fields {sorted(record)}; expected "
+        "conversations/messages (ending with the user's turn) or prompt, with chosen and rejected; "
+        "map other names with --field_map"
+    )
+
+
+def to_preference_pair(record: dict, fmt: str, where: str) -> PreferencePair:
+    if fmt == "medicalgpt_reward":
+        record, fmt = {MEDICALGPT_REWARD_FIELDS.get(key, key): value for key, value in record.items()}, "prompt"
+    system = _text(record, "system", where, required=False, allow_empty=True) or None
+    if fmt == "prompt":
+        messages = _history_messages(record, where)
+        messages.append({"role": "user", "content": _text(record, "prompt", where)})
+    else:
+        messages, system = _prompt_turns(record, fmt, where, system)
+    chosen, rejected = _text(record, "chosen", where), _text(record, "rejected", where)
+    if chosen.strip() == rejected.strip():
+        raise MedLoRAError(f"{where}: field 'rejected': identical to 'chosen', so the pair teaches nothing")
+    return PreferencePair(Conversation(messages, system, where), chosen, rejected)
+
+
+def _history_messages(record: dict, where: str) -> list:
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise MedLoRAError(f"{where}: field 'history': expected a list of [question, answer] pairs")
+    messages = []
+    for index, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                and all(isinstance(text, str) and text.strip() for text in pair)):
+            raise MedLoRAError(f"{where}: field 'history[{index}]': expected a pair of non-empty strings")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return messages
+
+
+def _prompt_turns(record: dict, fmt: str, where: str, system):
+    key, role_key, content_key, roles = (
+        ("conversations", "from", "value", SHAREGPT_ROLES) if fmt == "sharegpt"
+        else ("messages", "role", "content", MESSAGE_ROLES)
+    )
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise MedLoRAError(f"{where}: field '{key}': expected a non-empty list of turns ending with the user's")
+    messages = []
+    for index, turn in enumerate(turns):
+        turn_field = f"{key}[{index}]"
+        if not isinstance(turn, dict):
+            raise MedLoRAError(f"{where}: field '{turn_field}': expected an object with '{role_key}' and "
+                               f"'{content_key}'")
+        role = roles.get(str(turn.get(role_key)).lower())
+        if role is None:
+            raise MedLoRAError(f"{where}: field '{turn_field}.{role_key}': unknown role {turn.get(role_key)!r}; "
+                               f"expected one of {sorted(roles)}")
+        content = _text(turn, content_key, where, allow_empty=(role == "system"),
+                        field_name=f"{turn_field}.{content_key}")
+        if role == "system":
+            if index != 0:
+                raise MedLoRAError(f"{where}: field '{turn_field}.{role_key}': a system turn may only come first")
+            system = content or system
+            continue
+        expected = "user" if len(messages) % 2 == 0 else "assistant"
+        if role != expected:
+            raise MedLoRAError(f"{where}: field '{turn_field}.{role_key}': expected a {expected} turn "
+                               "(turns must alternate, user first)")
+        messages.append({"role": role, "content": content})
+    if not messages or messages[-1]["role"] != "user":
+        raise MedLoRAError(f"{where}: field '{key}': the last turn must be the user's (chosen and rejected answer it)")
+    return messages, system
+
+
+# ---- tokenization ----------------------------------------------------------------------------------------
+def with_reply(conversation: Conversation, reply: str) -> Conversation:
+    return Conversation(conversation.messages + [{"role": "assistant", "content": reply}], conversation.system,
+                        conversation.source)
+
+
+def encode_pairs(tokenizer, template, pairs: list, cutoff_len: int | None, add_eos_token: bool = True) -> EncodedPairs:
+    """Token ids of every pair, exactly as finetune.py tokenizes the same conversation with that reply.
+
+    The prompt is the common prefix of the prompt and both whole sequences (a token may straddle the
+    boundary between prompt and reply). Sequences longer than cutoff_len lose the end of their reply;
+    pairs whose prompt alone fills cutoff_len are dropped and counted.
+    """
+    from medlora.tokenization import ConversationEncoder
+
+    encoder = ConversationEncoder(tokenizer, template, None, train_on_inputs=False, add_eos_token=add_eos_token)
+    prompts = encoder.encode([pair.conversation for pair in pairs]).examples
+    chosen = encoder.encode([with_reply(pair.conversation, pair.chosen) for pair in pairs]).examples
+    rejected = encoder.encode([with_reply(pair.conversation, pair.rejected) for pair in pairs]).examples
+    report = EncodedPairs([], [])
+    for index, (prompt, good, bad) in enumerate(zip(prompts, chosen, rejected, strict=True)):
+        prompt_len = min(common_prefix_length(prompt.input_ids, good.input_ids),
+                         common_prefix_length(prompt.input_ids, bad.input_ids))
+        if cutoff_len and prompt_len >= cutoff_len:
+            report.dropped[DROPPED_PROMPT_TOO_LONG] += 1
+            continue
+        good_ids, bad_ids = good.input_ids[prompt_len:], bad.input_ids[prompt_len:]
+        if cutoff_len and prompt_len + max(len(good_ids), len(bad_ids)) > cutoff_len:
+            report.truncated += 1
+            good_ids, bad_ids = good_ids[:cutoff_len - prompt_len], bad_ids[:cutoff_len - prompt_len]
+            if good_ids == bad_ids:
+                report.dropped[DROPPED_SAME_AFTER_TRUNCATION] += 1
+                continue
+        report.examples.append({"prompt_ids": prompt.input_ids[:prompt_len], "chosen_ids": good_ids,
+                                "rejected_ids": bad_ids})
+        report.kept.append(index)
+    return report
+
+
+def common_prefix_length(a: list, b: list) -> int:
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+# ---- TRL glue ----------------------------------------------------------------------------------------------
+def restore_fp32_adapter(model) -> None:
+    """TRL's DPO and GRPO trainers cast a quantized model's trainable adapter to bf16, after copying it as the
+    frozen reference adapter "ref". Keep trainable weights in fp32 as finetune.py does, with the exact values
+    of the reference copy where there is one, so that training starts from the reference itself."""
+    import torch
+
+    parameters = dict(model.named_parameters())
+    for name, parameter in parameters.items():
+        if parameter.requires_grad and parameter.dtype in (torch.float16, torch.bfloat16):
+            reference = parameters.get(name.replace(".default.", ".ref."), parameter)
+            parameter.data = reference.data.float().clone()
+
+
+# ---- reward models ---------------------------------------------------------------------------------------
+def load_reward_model(reward_model: str, load_in_4bit=False, load_in_8bit=False, device=None, precision="auto",
+                      trust_remote_code=False):
+    """A reward model written by reward.py: (model, tokenizer, run settings); the base comes from medlora_run.json."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    from medlora.modeling import (
+        choose_dtype,
+        fit_embeddings_to_tokenizer,
+        load_base_model,
+        load_tokenizer,
+        resolve_base_model,
+    )
+    from medlora.run_settings import load_run_settings
+
+    settings = load_run_settings(reward_model)
+    if not (Path(reward_model) / "adapter_config.json").is_file() or settings.get("stage") != "reward":
+        raise MedLoRAError(f"--reward_model {reward_model}: not a reward model folder written by reward.py")
+    tokenizer = load_tokenizer(reward_model, trust_remote_code)
+    with suppress_seqcls_warning():  # the base has an LM head and no score head yet: expected, not worth a warning
+        model = load_base_model(resolve_base_model(settings["base_model"]), choose_dtype(precision), load_in_4bit,
+                                load_in_8bit, trust_remote_code, device, auto_class=AutoModelForSequenceClassification,
+                                num_labels=1)
+    fit_embeddings_to_tokenizer(model, tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
+    model = PeftModel.from_pretrained(model, reward_model)
+    model.eval()
+    return model, tokenizer, settings
+
+
+def score_sequences(model, sequences: list, pad_token_id: int, batch_size: int = 8) -> list:
+    """The reward model's scalar score of each token sequence (right-padded batches, no gradient)."""
+    import torch
+
+    device = next(model.parameters()).device
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            batch = sequences[start:start + batch_size]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, ids in enumerate(batch):
+                input_ids[row, :len(ids)] = torch.tensor(ids)
+                attention_mask[row, :len(ids)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            scores += logits[:, 0].float().cpu().tolist()
+    return scores

@@ -1,0 +1,274 @@
+"""Continued pretraining (PT) of a causal LM on plain medical text, with LoRA, QLoRA or full weights.
+
+    python pretrain.py                                    # offline: built-in tiny model, data/pretrain/
+    python pretrain.py --base_model Qwen/Qwen2.5-1.5B --data_path ../shared/datasets/medicalgpt/pretrain_fever_zh.txt \
+        --output_dir ./pt-fever --block_size 1024 --load_in_4bit
+    python pretrain.py --use_lora False --base_model ... --output_dir ./pt-full   # update every weight
+    torchrun --nproc_per_node=4 pretrain.py --base_model ... --data_path ./corpus/ --output_dir ./pt-medlora
+    python pretrain.py --help                             # every flag
+
+Reads every document (.txt: one a line; .jsonl/.json: a `text` field; or a folder of them) before
+the model loads, holds some documents out for validation, joins the documents with EOS and cuts them
+into blocks of --block_size tokens, trains on every token (labels = input_ids) and reports the
+validation perplexity before and after. The output folder holds a LoRA adapter (or, with
+--use_lora False, a full model), the tokenizer and medlora_run.json. Next stage (docs/pipeline.md):
+`python finetune.py --lora_weights OUTPUT_DIR` continues this adapter on chat data.
+"""
+
+import functools
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import fire
+
+from medlora import distributed
+from medlora.errors import MedLoRAError, exit_on_error
+from medlora.modeling import (
+    choose_dtype,
+    count_parameters,
+    fit_embeddings_to_tokenizer,
+    load_base_model,
+    load_tokenizer,
+    resolve_base_model,
+    resolve_lora_targets,
+    trainable_parameters_to_fp32,
+)
+from medlora.pretraining import group_into_blocks, load_documents, tokenize_documents
+from medlora.saving import save_trained_model
+from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
+from medlora.training import LabelOnlyLossTrainer, PaddedCollator, latest_complete_checkpoint
+
+DEFAULT_DATA = str(PROJECT_ROOT / "data" / "pretrain")
+logger = logging.getLogger("pretrain")
+
+
+def pretrain(
+    # model and data
+    base_model: str = BUILTIN_TINY_MODEL,
+    data_path: str = DEFAULT_DATA,
+    output_dir: str = "./pt-medlora",
+    text_field: str = "text",
+    block_size: int = 512,
+    use_lora: bool = True,
+    # training hyperparameters
+    batch_size: int = 32,
+    micro_batch_size: int = 4,
+    num_epochs: int = 1,
+    max_steps: int = -1,
+    learning_rate: float = 2e-4,
+    warmup_steps: int = 10,
+    val_set_size: float = 0.05,
+    seed: int = 42,
+    # lora hyperparameters
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    lora_target_modules: str | list | None = None,
+    # model loading
+    precision: str = "auto",
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+    # logging, evaluation, checkpoints
+    logging_steps: int = 10,
+    eval_steps: int = 200,
+    save_steps: int = 200,
+    save_total_limit: int = 3,
+    report_to: str = "none",
+    wandb_project: str = "",
+    wandb_run_name: str = "",
+    resume_from_checkpoint: str | bool | None = None,
+):
+    """Continue pretraining BASE_MODEL on the plain text in DATA_PATH and save the result to OUTPUT_DIR.
+
+    Args:
+        base_model: Hub id or local folder of a causal LM. The default, builtin:tiny-llama, is a toy model built offline.
+        data_path: A .txt file (one document a line), a .jsonl/.json file of {"text": ...} records, or a folder of them.
+        output_dir: Where the adapter (or full model), tokenizer, medlora_run.json and checkpoints go.
+        text_field: The field that holds the document in .jsonl/.json records.
+        block_size: Tokens per training block; documents are joined with EOS and cut into blocks of exactly this size.
+        use_lora: Train a LoRA adapter (True) or every weight of the model (False; needs memory for the full optimizer state).
+        batch_size: Blocks per optimizer step, all processes together.
+        micro_batch_size: Blocks per forward pass on one device; accumulation makes up the rest.
+        num_epochs: Passes over the training blocks.
+        max_steps: If > 0, stop after this many optimizer steps (overrides num_epochs).
+        learning_rate: Peak learning rate (linear warmup, then linear decay).
+        warmup_steps: Optimizer steps of linear warmup.
+        val_set_size: Documents held out for validation (perplexity): a count, or a fraction when below 1; 0 for none.
+        seed: Seed for the split, the shuffling, LoRA initialisation and dropout.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).
+        lora_dropout: Dropout on the LoRA input.
+        lora_target_modules: Module names (comma-separated or a list), or all-linear; default: the architecture's usual attention projections.
+        precision: auto (bf16, else fp16 on GPUs; fp32 on CPU), fp32, bf16 or fp16.
+        load_in_4bit: QLoRA: load the base in 4-bit NF4 with double quantization (bitsandbytes); needs --use_lora.
+        load_in_8bit: Load the base in 8-bit (bitsandbytes); needs --use_lora.
+        gradient_checkpointing: Recompute activations in the backward pass (non-reentrant): less memory, ~30% slower.
+        trust_remote_code: Run the model repository's own Python code (only for repositories you trust).
+        logging_steps: Log the training loss every this many optimizer steps.
+        eval_steps: Evaluate on the validation blocks every this many optimizer steps.
+        save_steps: Write a resumable checkpoint every this many optimizer steps.
+        save_total_limit: Keep at most this many checkpoints.
+        report_to: none, tensorboard (logs under output_dir/runs) or wandb.
+        wandb_project: Weights & Biases project; setting it turns on wandb reporting.
+        wandb_run_name: Weights & Biases run name.
+        resume_from_checkpoint: A checkpoint folder to resume from, or True for the latest in output_dir.
+    """
+    started = time.time()
+    settings = dict(locals())
+    world_size, is_main = distributed.world_size(), distributed.is_main_process()
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
+    if batch_size % (micro_batch_size * world_size):
+        raise MedLoRAError(f"--batch_size {batch_size} must be a multiple of --micro_batch_size {micro_batch_size} "
+                           f"x {world_size} processes")
+    gradient_accumulation_steps = batch_size // (micro_batch_size * world_size)
+    if not use_lora and (load_in_4bit or load_in_8bit):
+        raise MedLoRAError("--load_in_4bit/--load_in_8bit need LoRA: quantized weights cannot be trained directly")
+    if report_to not in ("none", "tensorboard", "wandb"):
+        raise MedLoRAError(f"--report_to: unknown value {report_to!r}; use none, tensorboard or wandb")
+    if wandb_project:
+        report_to, os.environ["WANDB_PROJECT"] = "wandb", wandb_project
+    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
+        resume_from_checkpoint = latest_complete_checkpoint(output_dir)
+        if resume_from_checkpoint is None:
+            raise MedLoRAError(f"--resume_from_checkpoint True: no complete checkpoint in {output_dir}")
+    elif resume_from_checkpoint and not Path(resume_from_checkpoint, "trainer_state.json").is_file():
+        raise MedLoRAError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a checkpoint folder")
+
+    # ---- data: every document read, tokenized and cut into blocks once (on rank 0), before the model loads --
+    def prepare_data():
+        loaded = load_documents(data_path, text_field)
+        documents = list(loaded.documents)
+        random.Random(seed).shuffle(documents)
+        val_count = int(val_set_size * len(documents)) if 0 < val_set_size < 1 else int(val_set_size)
+        if val_count >= len(documents):
+            raise MedLoRAError(f"--val_set_size {val_set_size} leaves no training documents out of {len(documents)}")
+        model_path = resolve_base_model(base_model)
+        tokenizer = load_tokenizer(model_path, trust_remote_code)
+        train_blocks = group_into_blocks(tokenize_documents(tokenizer, documents[val_count:]), block_size)
+        val_blocks = group_into_blocks(tokenize_documents(tokenizer, documents[:val_count]), block_size)
+        if not train_blocks.blocks:
+            raise MedLoRAError(f"{data_path}: the training documents hold {train_blocks.tokens} tokens, less than "
+                               f"one block of --block_size {block_size}; lower --block_size")
+        if val_count and not val_blocks.blocks:
+            raise MedLoRAError(f"--val_set_size {val_set_size}: the {val_count} held-out documents hold "
+                               f"{val_blocks.tokens} tokens, less than one block of --block_size {block_size}; "
+                               "hold out more documents or lower --block_size")
+        return loaded.describe(), model_path, train_blocks, val_blocks
+
+    data_description, model_path, train_blocks, val_blocks = distributed.run_once_and_share(prepare_data)
+
+    # ---- model ---------------------------------------------------------------------------------------------
+    import torch
+    import transformers
+
+    transformers.set_seed(seed)
+    dtype = choose_dtype(precision)
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    # Full training in fp16 keeps fp32 weights under autocast: fp16 trainable parameters underflow.
+    load_dtype = torch.float32 if (not use_lora and dtype == torch.float16) else dtype
+    model = load_base_model(model_path, load_dtype, load_in_4bit, load_in_8bit, trust_remote_code)
+    fit_embeddings_to_tokenizer(model, tokenizer)
+    gradient_checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing loses LoRA gradients
+    if load_in_4bit or load_in_8bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    targets = None
+    if use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = resolve_lora_targets(model, lora_target_modules)
+        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                 target_modules=targets, bias="none", task_type="CAUSAL_LM"))
+    trainable_parameters_to_fp32(model)
+    trainable, total = count_parameters(model)
+    if is_main:
+        print("\n".join([
+            f"data: {data_description}",
+            f"documents: {train_blocks.documents + val_blocks.documents} read ({train_blocks.documents} train, "
+            f"{val_blocks.documents} validation), {train_blocks.tokens + val_blocks.tokens} tokens with EOS",
+            f"blocks of {block_size} tokens: {len(train_blocks.blocks)} train, {len(val_blocks.blocks)} validation; "
+            f"{train_blocks.dropped_tokens + val_blocks.dropped_tokens} tail tokens dropped",
+            f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
+        ]), flush=True)
+
+    as_dicts = lambda blocks: [{"input_ids": ids, "labels": ids} for ids in blocks.blocks]  # noqa: E731
+    on_gpu = torch.cuda.is_available()
+    args = transformers.TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=micro_batch_size,
+        per_device_eval_batch_size=micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        num_train_epochs=num_epochs,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+        logging_steps=logging_steps,
+        eval_strategy="steps" if val_blocks.blocks else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=save_total_limit,
+        report_to=[] if report_to == "none" else [report_to],
+        run_name=wandb_run_name or None,
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        seed=seed,
+        data_seed=seed,
+        ddp_find_unused_parameters=False if world_size > 1 else None,
+        disable_tqdm=not is_main,
+        dataloader_pin_memory=on_gpu,
+        use_cpu=not on_gpu and not torch.backends.mps.is_available(),  # else torchrun on CPU runs unsynchronised copies
+    )
+    trainer = LabelOnlyLossTrainer(
+        model=model,
+        args=args,
+        train_dataset=as_dicts(train_blocks),
+        eval_dataset=as_dicts(val_blocks) or None,
+        data_collator=PaddedCollator(tokenizer.pad_token_id),  # blocks are all block_size long: no padding
+    )
+    model.config.use_cache = False
+    perplexity_before = perplexity(trainer) if val_blocks.blocks else None
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    perplexity_after = perplexity(trainer) if val_blocks.blocks else None
+
+    # ---- save ----------------------------------------------------------------------------------------------
+    if trainer.is_world_process_zero():
+        settings.update(stage="pretrain", base_model=base_model, resolved_base_model=model_path,
+                        prompt_template_name=None,  # plain text: the SFT stage picks the chat template
+                        lora_target_modules=targets, dtype=str(dtype).replace("torch.", ""), world_size=world_size,
+                        gradient_accumulation_steps=gradient_accumulation_steps,
+                        validation_perplexity_before=perplexity_before, validation_perplexity_after=perplexity_after)
+        save_trained_model(model, tokenizer, output_dir, settings, trainer.state.log_history)
+        tokens = len(train_blocks.blocks) * block_size * result.metrics.get("epoch", num_epochs)
+        ppl = (f"; validation perplexity {perplexity_before:.2f} -> {perplexity_after:.2f}"
+               if perplexity_before is not None else "")
+        print(f"done in {time.time() - started:.0f}s: {result.global_step} steps, final training loss "
+              f"{result.training_loss:.4f}{ppl}, ~{tokens / max(result.metrics['train_runtime'], 1e-9):.0f} tokens/s; "
+              f"{'adapter' if use_lora else 'model'} in {output_dir}")
+    return trainer
+
+
+def perplexity(trainer) -> float:
+    """exp of the mean next-token loss on the validation blocks."""
+    return math.exp(min(trainer.evaluate()["eval_loss"], 50.0))
+
+
+@functools.wraps(pretrain)
+def cli(*args, **kwargs):
+    pretrain(*args, **kwargs)  # fire would try to display a returned object
+
+
+if __name__ == "__main__":
+    exit_on_error(lambda: fire.Fire(cli))

@@ -1,0 +1,278 @@
+"""Train a pairwise reward model (RM) on preference pairs with LoRA or QLoRA, on TRL's RewardTrainer.
+
+    python reward.py                                      # offline: built-in tiny model, data/preference/
+    python reward.py --base_model ./hf_ckpt --data_path ../shared/datasets/medicalgpt/dpo_zh_500.jsonl \
+        --output_dir ./rm-medlora --prompt_template_name alpaca
+    python reward.py --base_model Qwen/Qwen2.5-1.5B-Instruct --prompt_template_name chatml --load_in_4bit
+    torchrun --nproc_per_node=4 reward.py --base_model ... --data_path ... --output_dir ...
+    python reward.py --help                               # every flag
+
+The model is the base with a one-output score head (AutoModelForSequenceClassification,
+num_labels=1), a LoRA adapter and a fully trained head; it learns r(chosen) > r(rejected) with the
+pairwise loss -log sigmoid(r_chosen - r_rejected). Data and validation are those of dpo.py; each
+reply is rendered with --prompt_template_name and tokenized exactly as finetune.py does, and scored
+at its last token (EOS). Pairwise accuracy on the validation pairs (or the training pairs when there
+are none) is reported before and after training. The output folder (adapter with the head,
+tokenizer, medlora_run.json) is what `rl.py --reward_model OUTPUT_DIR` loads.
+"""
+
+import functools
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import fire
+import torch
+from huggingface_hub import constants as hub_constants
+
+from medlora import distributed
+from medlora.errors import MedLoRAError, exit_on_error
+from medlora.modeling import (
+    choose_dtype,
+    count_parameters,
+    fit_embeddings_to_tokenizer,
+    load_base_model,
+    load_tokenizer,
+    resolve_base_model,
+    resolve_lora_targets,
+    trainable_parameters_to_fp32,
+)
+from medlora.preference import encode_pairs, load_preference_pairs
+from medlora.saving import save_trained_model
+from medlora.templates import PromptTemplate
+from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
+from medlora.training import MarkCompleteCheckpoints, latest_complete_checkpoint
+
+DEFAULT_DATA = str(PROJECT_ROOT / "data" / "preference")
+SCORE_HEAD_NAMES = ("score", "classifier")  # what transformers calls the head of *ForSequenceClassification
+hub_constants.HF_HUB_DISABLE_TELEMETRY = True  # TRL's trainers report usage to the Hub; MedLoRA sends nothing
+logger = logging.getLogger("reward")
+
+
+def train(
+    # model and data
+    base_model: str = BUILTIN_TINY_MODEL,
+    data_path: str = DEFAULT_DATA,
+    output_dir: str = "./rm-medlora",
+    field_map: str = "",
+    prompt_template_name: str = "alpaca",
+    # training hyperparameters
+    batch_size: int = 16,
+    micro_batch_size: int = 4,
+    num_epochs: int = 1,
+    max_steps: int = -1,
+    learning_rate: float = 1e-4,
+    warmup_steps: int = 10,
+    cutoff_len: int = 512,
+    val_set_size: float = 0.05,
+    seed: int = 42,
+    # lora hyperparameters
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    lora_target_modules: str | list | None = None,
+    # model loading
+    precision: str = "auto",
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+    # logging, evaluation, checkpoints
+    logging_steps: int = 10,
+    eval_steps: int = 100,
+    save_steps: int = 100,
+    save_total_limit: int = 3,
+    report_to: str = "none",
+    wandb_project: str = "",
+    wandb_run_name: str = "",
+    resume_from_checkpoint: str | bool | None = None,
+):
+    """Train a reward model on the preference pairs in DATA_PATH and save it to OUTPUT_DIR.
+
+    Returns the trainer when called from Python.
+
+    Args:
+        base_model: Hub id or local folder of a causal LM (often the merged SFT model). The default, builtin:tiny-llama, is a toy model built offline.
+        data_path: A .json/.jsonl/.csv/.parquet file of preference pairs, a folder of them, or a hub dataset name.
+        output_dir: Where the reward adapter (with its score head), tokenizer, medlora_run.json and checkpoints go.
+        field_map: JSON mapping our field names to your columns, e.g. '{"prompt": "question", "chosen": "good"}'.
+        prompt_template_name: A template in templates/, or a path to a template .json; use the policy's template.
+        batch_size: Pairs per optimizer step, all processes together.
+        micro_batch_size: Pairs per forward pass on one device; accumulation makes up the rest.
+        num_epochs: Passes over the training pairs.
+        max_steps: If > 0, stop after this many optimizer steps (overrides num_epochs).
+        learning_rate: Peak learning rate (linear warmup, then linear decay).
+        warmup_steps: Optimizer steps of linear warmup.
+        cutoff_len: Maximum tokens of prompt + reply; longer replies are cut, pairs whose prompt fills it are dropped.
+        val_set_size: Pairs held out for validation: a count, or a fraction when below 1; 0 for none.
+        seed: Seed for the split, the shuffling, the score head and LoRA initialisation.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).
+        lora_dropout: Dropout on the LoRA input.
+        lora_target_modules: Module names (comma-separated or a list), or all-linear; default: the architecture's usual attention projections.
+        precision: auto (bf16, else fp16 on GPUs; fp32 on CPU), fp32, bf16 or fp16.
+        load_in_4bit: QLoRA: load the base in 4-bit NF4 with double quantization (bitsandbytes).
+        load_in_8bit: Load the base in 8-bit (bitsandbytes).
+        gradient_checkpointing: Recompute activations in the backward pass (non-reentrant): less memory, ~30% slower.
+        trust_remote_code: Run the model repository's own Python code (only for repositories you trust).
+        logging_steps: Log the loss, accuracy and margin every this many optimizer steps.
+        eval_steps: Evaluate on the validation pairs every this many optimizer steps.
+        save_steps: Write a resumable checkpoint every this many optimizer steps.
+        save_total_limit: Keep at most this many checkpoints.
+        report_to: none, tensorboard (logs under output_dir/runs) or wandb.
+        wandb_project: Weights & Biases project; setting it turns on wandb reporting.
+        wandb_run_name: Weights & Biases run name.
+        resume_from_checkpoint: A checkpoint folder to resume from, or True for the latest in output_dir.
+    """
+    started = time.time()
+    settings = dict(locals())
+    world_size, is_main = distributed.world_size(), distributed.is_main_process()
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
+    if batch_size % (micro_batch_size * world_size):
+        raise MedLoRAError(f"--batch_size {batch_size} must be a multiple of --micro_batch_size {micro_batch_size} "
+                           f"x {world_size} processes")
+    gradient_accumulation_steps = batch_size // (micro_batch_size * world_size)
+    if report_to not in ("none", "tensorboard", "wandb"):
+        raise MedLoRAError(f"--report_to: unknown value {report_to!r}; use none, tensorboard or wandb")
+    if wandb_project:
+        report_to, os.environ["WANDB_PROJECT"] = "wandb", wandb_project
+    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
+        resume_from_checkpoint = latest_complete_checkpoint(output_dir)
+        if resume_from_checkpoint is None:
+            raise MedLoRAError(f"--resume_from_checkpoint True: no complete checkpoint in {output_dir}")
+    elif resume_from_checkpoint and not Path(resume_from_checkpoint, "trainer_state.json").is_file():
+        raise MedLoRAError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a checkpoint folder")
+
+    # ---- data: every pair validated and tokenized once (on rank 0), before any model is loaded -------------
+    def prepare_data():
+        template = PromptTemplate.load(prompt_template_name)
+        loaded = load_preference_pairs(data_path, field_map)
+        pairs = loaded.pairs
+        random.Random(seed).shuffle(pairs)
+        val_count = int(val_set_size * len(pairs)) if 0 < val_set_size < 1 else int(val_set_size)
+        if val_count >= len(pairs):
+            raise MedLoRAError(f"--val_set_size {val_set_size} leaves no training pairs out of {len(pairs)}")
+        model_path = resolve_base_model(base_model)
+        tokenizer = load_tokenizer(model_path, trust_remote_code)
+        train_pairs = encode_pairs(tokenizer, template, pairs[val_count:], cutoff_len)
+        val_pairs = encode_pairs(tokenizer, template, pairs[:val_count], cutoff_len)
+        if not train_pairs.examples:
+            raise MedLoRAError(f"{data_path}: no training pair is left after truncation at --cutoff_len {cutoff_len}")
+        return template, loaded.describe(), len(pairs), train_pairs, val_pairs, model_path
+
+    template, data_description, pairs_read, train_pairs, val_pairs, model_path = (
+        distributed.run_once_and_share(prepare_data))
+
+    # ---- model ---------------------------------------------------------------------------------------------
+    import transformers
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    transformers.set_seed(seed)  # the score head starts random
+    dtype = choose_dtype(precision)
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    with suppress_seqcls_warning():  # "lm_head unused, score head new" is expected here, not worth a warning
+        model = load_base_model(model_path, dtype, load_in_4bit, load_in_8bit, trust_remote_code,
+                                auto_class=AutoModelForSequenceClassification, num_labels=1)
+    fit_embeddings_to_tokenizer(model, tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
+    gradient_checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing loses LoRA gradients
+    if load_in_4bit or load_in_8bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    head = [name for name in SCORE_HEAD_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)]
+    if not head:
+        raise MedLoRAError(f"{model_path}: the {type(model).__name__} score head is not named "
+                           f"{' or '.join(SCORE_HEAD_NAMES)}; this architecture is not supported as a reward model")
+    targets = resolve_lora_targets(model, lora_target_modules)
+    if isinstance(targets, list):
+        targets = [name for name in targets if name not in head]
+    model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                             target_modules=targets, bias="none", task_type="SEQ_CLS",
+                                             modules_to_save=head))
+    trainable_parameters_to_fp32(model)
+    trainable, total = count_parameters(model)
+    if is_main:
+        dropped = train_pairs.dropped + val_pairs.dropped
+        print("\n".join([
+            f"data: {data_description}",
+            f"pairs: {pairs_read} read, {len(train_pairs.examples) + len(val_pairs.examples)} used "
+            f"({len(train_pairs.examples)} train, {len(val_pairs.examples)} validation), "
+            f"{sum(dropped.values())} dropped" + "".join(f"; {n} dropped: {reason}" for reason, n in dropped.items()),
+            f"template: {template.name}; truncated at cutoff_len={cutoff_len}: "
+            f"{train_pairs.truncated + val_pairs.truncated} pairs",
+            f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), "
+            f"score head '{head[0]}' trained in full",
+        ]), flush=True)
+
+    as_dataset = lambda encoded: Dataset.from_dict(  # noqa: E731
+        {"chosen_ids": encoded.sequences("chosen"), "rejected_ids": encoded.sequences("rejected")})
+    train_dataset = as_dataset(train_pairs)
+    val_dataset = as_dataset(val_pairs) if val_pairs.examples else None
+    on_gpu = torch.cuda.is_available()
+    args = RewardConfig(
+        output_dir=output_dir,
+        max_length=None,  # pairs are already cut at --cutoff_len
+        per_device_train_batch_size=micro_batch_size,
+        per_device_eval_batch_size=micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        num_train_epochs=num_epochs,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+        logging_steps=logging_steps,
+        eval_strategy="steps" if val_dataset is not None else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=save_total_limit,
+        report_to=[] if report_to == "none" else [report_to],
+        run_name=wandb_run_name or None,
+        seed=seed,
+        data_seed=seed,
+        ddp_find_unused_parameters=False if world_size > 1 else None,
+        disable_tqdm=not is_main,
+        dataloader_pin_memory=on_gpu,
+        use_cpu=not on_gpu and not torch.backends.mps.is_available(),
+    )
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=val_dataset,
+                            processing_class=tokenizer, callbacks=[MarkCompleteCheckpoints()])
+    trainable_parameters_to_fp32(trainer.model)  # TRL casts QLoRA adapters (and the head) to bf16; keep fp32
+    measured_on = "validation" if val_dataset is not None else "training"
+    before = trainer.evaluate(val_dataset or train_dataset)
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    after = trainer.evaluate(val_dataset or train_dataset)
+
+    # ---- save ----------------------------------------------------------------------------------------------
+    if trainer.is_world_process_zero():
+        metrics = {key: {"before": before[f"eval_{key}"], "after": after[f"eval_{key}"]}
+                   for key in ("loss", "accuracy", "margin")}
+        settings.update(stage="reward", base_model=base_model, resolved_base_model=model_path,
+                        prompt_template_name=template.name, lora_target_modules=targets, score_head=head[0],
+                        dtype=str(dtype).replace("torch.", ""), world_size=world_size,
+                        gradient_accumulation_steps=gradient_accumulation_steps,
+                        pairwise_metrics={"measured_on": measured_on, **metrics})
+        save_trained_model(trainer.model, tokenizer, output_dir, settings, trainer.state.log_history)
+        print(f"done in {time.time() - started:.0f}s: {result.global_step} steps, final training loss "
+              f"{result.training_loss:.4f}; on the {measured_on} pairs, pairwise accuracy "
+              f"{metrics['accuracy']['before']:.3f} -> {metrics['accuracy']['after']:.3f}, margin "
+              f"{metrics['margin']['before']:.4f} -> {metrics['margin']['after']:.4f}; reward model in {output_dir}")
+    return trainer
+
+
+@functools.wraps(train)
+def cli(*args, **kwargs):
+    train(*args, **kwargs)  # fire would try to display a returned object
+
+
+if __name__ == "__main__":
+    exit_on_error(lambda: fire.Fire(cli))

@@ -1,0 +1,417 @@
+"""Reinforcement learning (RL) of a medical chat policy with GRPO (TRL's GRPOTrainer), LoRA or QLoRA.
+
+    python rl.py --lora_weights ./lora-medlora            # rule reward, prompts from data/preference/
+    python rl.py --lora_weights ./lora-medlora --reward_model ./rm-medlora --data_path prompts.jsonl \
+        --output_dir ./rl-medlora --num_generations 8 --max_completion_length 256
+    python rl.py --lora_weights ./lora-medlora --reward_model ./rm-medlora --load_in_4bit
+    torchrun --nproc_per_node=4 rl.py --lora_weights ./lora-medlora --reward_model ./rm-medlora ...
+    python rl.py --help                                   # every flag
+
+For every prompt the policy samples --num_generations replies; each is scored, and replies better
+than their group's average are made more likely (GRPO). The reward is a reward model from reward.py
+(--reward_model), which scores the conversation rendered with its own prompt template, or, without
+one, a rule: +1 when the reply advises seeing a doctor (or another clinician, or emergency care),
+plus up to 1 for brevity (1 within --max_reply_chars characters, less the longer the reply runs). Prompts come
+from any file finetune.py, dpo.py or generate.py reads (the user turns; a record's own answer is
+ignored) or a .txt file with one question a line, and are tokenized exactly as finetune.py does.
+The mean reward of greedy replies to the first --eval_prompts prompts is reported before and after.
+The output folder is an adapter that chat.py, generate.py and evaluate.py load with no other flag.
+"""
+
+import functools
+import logging
+import os
+import random
+import re
+import time
+from pathlib import Path
+
+import fire
+import torch
+from huggingface_hub import constants as hub_constants
+from trl import GRPOTrainer
+
+from medlora import distributed
+from medlora.errors import MedLoRAError, exit_on_error
+from medlora.generation import StopStrings, read_prediction_records
+from medlora.modeling import (
+    choose_dtype,
+    count_parameters,
+    fit_embeddings_to_tokenizer,
+    load_base_model,
+    load_tokenizer,
+    resolve_base_model,
+    resolve_lora_targets,
+    trainable_parameters_to_fp32,
+)
+from medlora.preference import (
+    load_preference_pairs,
+    load_reward_model,
+    restore_fp32_adapter,
+    score_sequences,
+    with_reply,
+)
+from medlora.records import SUPPORTED_SUFFIXES, read_file_records
+from medlora.run_settings import load_run_settings
+from medlora.saving import save_trained_model
+from medlora.templates import Conversation, PromptTemplate
+from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
+from medlora.tokenization import ConversationEncoder
+from medlora.training import MarkCompleteCheckpoints, latest_complete_checkpoint
+
+DEFAULT_DATA = str(PROJECT_ROOT / "data" / "preference")
+ADVICE = re.compile(r"\b(doctors?|physicians?|clinicians?|GP|nurses?|pharmacists?|midwife|emergency|"
+                    r"medical (?:attention|advice|help|care)|health ?care provider)\b|医生|就医|就诊|医院|急诊",
+                    re.IGNORECASE)
+hub_constants.HF_HUB_DISABLE_TELEMETRY = True  # TRL's trainers report usage to the Hub; MedLoRA sends nothing
+logger = logging.getLogger("rl")
+
+
+def train(
+    # model and data
+    base_model: str = "",
+    lora_weights: str = "",
+    data_path: str = DEFAULT_DATA,
+    output_dir: str = "./rl-medlora",
+    prompt_template_name: str = "",
+    # reward
+    reward_model: str = "",
+    max_reply_chars: int = 600,
+    # sampling
+    num_generations: int = 4,
+    max_prompt_length: int = 256,
+    max_completion_length: int = 128,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    beta: float = 0.0,
+    # training hyperparameters
+    batch_size: int = 16,
+    micro_batch_size: int = 4,
+    num_epochs: int = 1,
+    max_steps: int = -1,
+    learning_rate: float = 1e-5,
+    warmup_steps: int = 0,
+    eval_prompts: int = 16,
+    seed: int = 42,
+    # lora hyperparameters (a fresh adapter only: --lora_weights keeps its own)
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    lora_target_modules: str | list | None = None,
+    # model loading
+    precision: str = "auto",
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+    # logging and checkpoints
+    logging_steps: int = 10,
+    save_steps: int = 100,
+    save_total_limit: int = 3,
+    report_to: str = "none",
+    wandb_project: str = "",
+    wandb_run_name: str = "",
+    resume_from_checkpoint: str | bool | None = None,
+):
+    """Improve a chat policy with GRPO on the prompts in DATA_PATH and save the adapter to OUTPUT_DIR.
+
+    Returns the trainer when called from Python.
+
+    Args:
+        base_model: Hub id or local folder of a causal LM. Default: the base of --lora_weights, else builtin:tiny-llama.
+        lora_weights: The policy: an SFT (or DPO) adapter to continue; empty for a fresh LoRA on --base_model.
+        data_path: Prompts: a file (or folder) of SFT, preference or question records, or a .txt file with one question a line.
+        output_dir: Where the adapter, tokenizer, medlora_run.json and checkpoints go.
+        prompt_template_name: The policy's template in templates/, or a .json path. Default: the adapter's, else alpaca.
+        reward_model: A reward model folder from reward.py; empty for the rule reward (advice to see a clinician, brevity).
+        max_reply_chars: Rule reward: replies up to this many characters get the full brevity point.
+        num_generations: Replies sampled per prompt (the GRPO group); --batch_size must be a multiple of it.
+        max_prompt_length: Prompts longer than this many tokens are left out.
+        max_completion_length: Most tokens generated per reply.
+        temperature: Sampling temperature of the replies (> 0: GRPO always samples).
+        top_p: Nucleus sampling of the replies; 1 disables it.
+        beta: KL penalty towards the starting policy (0: none, and no reference copy is kept).
+        batch_size: Replies per optimizer step, all processes together (prompts x num_generations).
+        micro_batch_size: Replies per forward pass on one device; accumulation makes up the rest.
+        num_epochs: Passes over the prompts.
+        max_steps: If > 0, stop after this many optimizer steps (overrides num_epochs).
+        learning_rate: Peak learning rate (linear warmup, then linear decay).
+        warmup_steps: Optimizer steps of linear warmup.
+        eval_prompts: How many prompts the before/after mean reward (greedy replies) is measured on; 0 to skip.
+        seed: Seed for the prompt order, the sampling, LoRA initialisation and dropout.
+        lora_r: LoRA rank of a fresh adapter.
+        lora_alpha: LoRA scaling numerator of a fresh adapter.
+        lora_dropout: Dropout on the LoRA input of a fresh adapter.
+        lora_target_modules: Module names (comma-separated or a list), or all-linear, for a fresh adapter.
+        precision: auto (bf16, else fp16 on GPUs; fp32 on CPU), fp32, bf16 or fp16.
+        load_in_4bit: QLoRA: load the policy's base in 4-bit NF4 (and the reward model's too).
+        load_in_8bit: Load the policy's base (and the reward model's) in 8-bit.
+        gradient_checkpointing: Recompute activations in the backward pass (non-reentrant): less memory, ~30% slower.
+        trust_remote_code: Run the model repository's own Python code (only for repositories you trust).
+        logging_steps: Log the reward, reply length and loss every this many optimizer steps.
+        save_steps: Write a resumable checkpoint every this many optimizer steps.
+        save_total_limit: Keep at most this many checkpoints.
+        report_to: none, tensorboard (logs under output_dir/runs) or wandb.
+        wandb_project: Weights & Biases project; setting it turns on wandb reporting.
+        wandb_run_name: Weights & Biases run name.
+        resume_from_checkpoint: A checkpoint folder to resume from, or True for the latest in output_dir.
+    """
+    started = time.time()
+    settings = dict(locals())
+    world_size, is_main = distributed.world_size(), distributed.is_main_process()
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
+    if batch_size % (micro_batch_size * world_size):
+        raise MedLoRAError(f"--batch_size {batch_size} must be a multiple of --micro_batch_size {micro_batch_size} "
+                           f"x {world_size} processes")
+    if num_generations < 2 or batch_size % num_generations:
+        raise MedLoRAError(f"--batch_size {batch_size} must be a multiple of --num_generations {num_generations} "
+                           "(at least 2: GRPO compares the replies to one prompt)")
+    if temperature <= 0 or not 0 < top_p <= 1:
+        raise MedLoRAError("--temperature must be > 0 and --top_p in (0, 1]: GRPO learns from sampled replies")
+    gradient_accumulation_steps = batch_size // (micro_batch_size * world_size)
+    if report_to not in ("none", "tensorboard", "wandb"):
+        raise MedLoRAError(f"--report_to: unknown value {report_to!r}; use none, tensorboard or wandb")
+    if wandb_project:
+        report_to, os.environ["WANDB_PROJECT"] = "wandb", wandb_project
+    for flag, folder in (("--lora_weights", lora_weights), ("--reward_model", reward_model)):
+        if folder and not Path(folder, "adapter_config.json").is_file():
+            raise MedLoRAError(f"{flag} {folder}: no adapter_config.json; is this a folder MedLoRA wrote?")
+    if reward_model and load_run_settings(reward_model).get("stage") != "reward":
+        raise MedLoRAError(f"--reward_model {reward_model}: not a reward model written by reward.py")
+    adapter_settings = load_run_settings(lora_weights) if lora_weights else {}
+    base_model = base_model or adapter_settings.get("base_model") or BUILTIN_TINY_MODEL
+    prompt_template_name = prompt_template_name or adapter_settings.get("prompt_template_name") or "alpaca"
+    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
+        resume_from_checkpoint = latest_complete_checkpoint(output_dir)
+        if resume_from_checkpoint is None:
+            raise MedLoRAError(f"--resume_from_checkpoint True: no complete checkpoint in {output_dir}")
+    elif resume_from_checkpoint and not Path(resume_from_checkpoint, "trainer_state.json").is_file():
+        raise MedLoRAError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a checkpoint folder")
+
+    # ---- data: every prompt read and tokenized once (on rank 0), before any model is loaded ----------------
+    def prepare_data():
+        template = PromptTemplate.load(prompt_template_name)
+        conversations = load_prompts(data_path)
+        random.Random(seed).shuffle(conversations)
+        model_path = resolve_base_model(base_model)
+        encoder = ConversationEncoder(load_tokenizer(lora_weights or model_path, trust_remote_code), template)
+        prompts = [(c, encoder.encode_prompt(c)) for c in conversations]
+        kept = [(c, ids) for c, ids in prompts if len(ids) <= max_prompt_length]
+        if not kept:
+            raise MedLoRAError(f"{data_path}: every prompt is longer than --max_prompt_length {max_prompt_length}")
+        return template, kept, len(prompts) - len(kept), model_path
+
+    template, prompts, too_long, model_path = distributed.run_once_and_share(prepare_data)
+
+    # ---- models ----------------------------------------------------------------------------------------------
+    import transformers
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+    from trl import GRPOConfig
+
+    transformers.set_seed(seed)
+    dtype = choose_dtype(precision)
+    tokenizer = load_tokenizer(lora_weights or model_path, trust_remote_code)
+    model = load_base_model(model_path, dtype, load_in_4bit, load_in_8bit, trust_remote_code)
+    fit_embeddings_to_tokenizer(model, tokenizer)
+    gradient_checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing loses LoRA gradients
+    if load_in_4bit or load_in_8bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    peft_config = None
+    if lora_weights:
+        model = PeftModel.from_pretrained(model, lora_weights, is_trainable=True)
+        targets = sorted(model.peft_config["default"].target_modules)
+        trainable_parameters_to_fp32(model)
+    else:
+        targets = resolve_lora_targets(model, lora_target_modules)
+        peft_config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                                 bias="none", task_type="CAUSAL_LM")
+    if reward_model:
+        reward_function = model_reward(*load_reward_model(reward_model, load_in_4bit, load_in_8bit,
+                                                          precision=precision, trust_remote_code=trust_remote_code),
+                                       prompts, template)
+    else:
+        reward_function = rule_reward(max_reply_chars, template)
+
+    on_gpu = torch.cuda.is_available()
+    args = GRPOConfig(
+        output_dir=output_dir,
+        num_generations=num_generations,
+        max_completion_length=max_completion_length,
+        temperature=temperature,
+        top_p=top_p,
+        beta=beta,
+        per_device_train_batch_size=micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        num_train_epochs=num_epochs,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+        logging_steps=logging_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=save_total_limit,
+        report_to=[] if report_to == "none" else [report_to],
+        run_name=wandb_run_name or None,
+        seed=seed,
+        data_seed=seed,
+        ddp_find_unused_parameters=False if world_size > 1 else None,
+        disable_tqdm=not is_main,
+        dataloader_pin_memory=on_gpu,
+        use_cpu=not on_gpu and not torch.backends.mps.is_available(),
+    )
+    dataset = Dataset.from_dict({"prompt": [str(index) for index in range(len(prompts))],
+                                 "prompt_index": list(range(len(prompts)))})
+    trainer = PromptIdsGRPOTrainer(prompt_ids=[ids for _, ids in prompts], model=model, reward_funcs=reward_function,
+                                   args=args, train_dataset=dataset, processing_class=tokenizer,
+                                   peft_config=peft_config, callbacks=[MarkCompleteCheckpoints()])
+    restore_fp32_adapter(trainer.model)  # TRL casts QLoRA adapters to bf16; finetune.py keeps them fp32
+    trainable, total = count_parameters(trainer.model)
+    lengths = sorted(len(ids) for _, ids in prompts)
+    if is_main:
+        reward_name = reward_model or f"rule (advice to see a clinician, brevity within {max_reply_chars} characters)"
+        print("\n".join([
+            f"prompts: {len(prompts) + too_long} read from {data_path}, {len(prompts)} used, {too_long} left out "
+            f"(longer than max_prompt_length={max_prompt_length}); tokens: median {lengths[len(lengths) // 2]}, "
+            f"max {lengths[-1]}",
+            f"template: {template.name}; reward: {reward_name}",
+            f"starting from: {lora_weights or 'a fresh LoRA adapter'}; {num_generations} replies per prompt",
+            f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
+        ]), flush=True)
+
+    eval_set = prompts[:eval_prompts]
+    before = mean_greedy_reward(trainer.model, tokenizer, eval_set, reward_function, max_completion_length)
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    after = mean_greedy_reward(trainer.model, tokenizer, eval_set, reward_function, max_completion_length)
+
+    # ---- save ----------------------------------------------------------------------------------------------
+    model = trainer.model
+    if "ref" in model.peft_config:  # TRL's frozen reference copy (beta > 0) is not part of the result
+        model.delete_adapter("ref")
+    if trainer.is_world_process_zero():
+        settings.update(stage="rl", base_model=base_model, resolved_base_model=model_path,
+                        prompt_template_name=template.name, lora_target_modules=targets,
+                        dtype=str(dtype).replace("torch.", ""), world_size=world_size,
+                        gradient_accumulation_steps=gradient_accumulation_steps,
+                        mean_greedy_reward={"prompts": len(eval_set), "before": before, "after": after})
+        save_trained_model(model, tokenizer, output_dir, settings, trainer.state.log_history)
+        measured = (f"; mean reward of greedy replies to {len(eval_set)} prompts {before:.4f} -> {after:.4f}"
+                    if eval_set else "")
+        print(f"done in {time.time() - started:.0f}s: {result.global_step} steps{measured}; adapter in {output_dir}")
+    return trainer
+
+
+def load_prompts(data_path) -> list:
+    """Conversations ending with the user's turn, from a .txt file (one question a line), preference
+    files, or any record file finetune.py or generate.py reads; a folder is read file by file."""
+    path = Path(str(data_path)).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (*SUPPORTED_SUFFIXES, ".txt"))
+        if not files:
+            raise MedLoRAError(f"{path}: folder has no .txt or {'/'.join(SUPPORTED_SUFFIXES)} files")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise MedLoRAError(f"{data_path}: no such file or folder")
+    conversations = []
+    for file in files:
+        if file.suffix == ".txt":
+            lines = [(n, line.strip()) for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1)]
+            found = [Conversation([{"role": "user", "content": text}], None, f"{file}: line {n}")
+                     for n, text in lines if text]
+        elif (records := read_file_records(file)) and isinstance(records[0][1], dict) and "chosen" in records[0][1]:
+            found = [pair.conversation for pair in load_preference_pairs(file).pairs]
+        else:
+            found = [Conversation(r.messages, r.system, r.source) for r in read_prediction_records(file)]
+        if not found:
+            raise MedLoRAError(f"{file}: no prompts (empty file)")
+        conversations += found
+    return conversations
+
+
+# ---- rewards ---------------------------------------------------------------------------------------------
+def rule_reward(max_reply_chars: int, template):
+    """+1 when the reply advises seeing a clinician; + min(1, max_reply_chars / reply characters) for brevity.
+
+    A reply that runs on past the template's stop string counts with everything it generated."""
+    stops = StopStrings(template.stop)
+
+    def advice_and_brevity(prompts, completions, completion_ids, **kwargs):
+        rewards = []
+        for text in completions:
+            advice = ADVICE.search(stops.cut(text)[0]) is not None
+            rewards.append(float(advice) + min(1.0, max_reply_chars / max(len(text.strip()), 1)))
+        return rewards
+
+    return advice_and_brevity
+
+
+def model_reward(reward_net, reward_tokenizer, reward_settings, policy_prompts, policy_template):
+    """The reward model's score of each conversation with the reply, rendered with the reward model's template."""
+    encoder = ConversationEncoder(reward_tokenizer, PromptTemplate.load(reward_settings["prompt_template_name"]))
+    cutoff_len = reward_settings.get("cutoff_len") or None
+    stops = StopStrings(policy_template.stop)
+
+    def reward_model_score(prompts, completions, completion_ids, prompt_index, **kwargs):
+        conversations = [with_reply(policy_prompts[index][0], stops.cut(text)[0].strip() or text)
+                         for index, text in zip(prompt_index, completions, strict=True)]
+        sequences = [example.input_ids[:cutoff_len] for example in encoder.encode(conversations).examples]
+        return score_sequences(reward_net, sequences, reward_tokenizer.pad_token_id)
+
+    return reward_model_score
+
+
+def mean_greedy_reward(model, tokenizer, prompts, reward_function, max_new_tokens, batch_size=8) -> float | None:
+    """Mean reward of the policy's greedy replies (deterministic, so before and after compare fairly)."""
+    if not prompts:
+        return None
+    was_training, rewards = model.training, []
+    model.eval()
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        width = max(len(ids) for _, ids in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (_, ids) in enumerate(batch):  # left padding: generation continues every row at the end
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention_mask[row, width - len(ids):] = 1
+        with torch.no_grad():
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                    do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=eos)
+        completion_ids = []
+        for row in output[:, width:].tolist():
+            completion_ids.append(row[:row.index(eos) + 1] if eos in row else row)
+        completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        rewards += reward_function(prompts=[""] * len(batch), completions=completions, completion_ids=completion_ids,
+                                   prompt_index=list(range(start, start + len(batch))))
+    model.train(was_training)
+    return sum(rewards) / len(rewards)
+
+
+class PromptIdsGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose prompts are token ids made by ConversationEncoder.encode_prompt, the exact ids
+    finetune.py trained on (the dataset's "prompt" column holds each prompt's index)."""
+
+    def __init__(self, *args, prompt_ids, **kwargs):
+        self.medlora_prompt_ids = prompt_ids
+        super().__init__(*args, **kwargs)
+
+    def _tokenize_prompts(self, prompts):
+        return [list(self.medlora_prompt_ids[int(index)]) for index in prompts], None, {}
+
+
+@functools.wraps(train)
+def cli(*args, **kwargs):
+    train(*args, **kwargs)  # fire would try to display a returned object
+
+
+if __name__ == "__main__":
+    exit_on_error(lambda: fire.Fire(cli))
