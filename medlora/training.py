@@ -6,9 +6,9 @@ Two collators build micro-batches from encoded examples:
                   at every example and no attention_mask is passed, which makes transformers build a
                   block-diagonal causal mask, so attention stays inside each example
 
-The loss (`LabelOnlyLossTrainer`) runs the model's output layer only at positions that carry a
-label: prompt positions need no logits, which saves most of the output-layer work and memory.
-It is normalised by the number of trained tokens in the whole accumulated (and distributed) batch,
+The loss (`LabelOnlyLossTrainer`, with medlora/loss.py) runs the model's output layer only at
+positions that carry a label: prompt positions need no logits, which saves most of the output-layer
+work and memory. It is normalised by the number of trained tokens in the whole accumulated (and distributed) batch,
 so that every token weighs the same whatever the micro-batch size, accumulation or world size.
 """
 
@@ -16,9 +16,9 @@ import inspect
 import os
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
+from medlora.loss import label_only_loss
 from medlora.tokenization import IGNORE_INDEX
 
 
@@ -69,30 +69,6 @@ def supports_packing(model) -> bool:
     return "position_ids" in forward and getattr(base, "_supports_attention_backend", False)
 
 
-def label_only_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
-    """Cross-entropy over the positions that predict a label, computing logits only there.
-
-    Returns the summed loss divided by num_items_in_batch when given (the Trainer's count of trained
-    tokens across accumulation steps and devices), else the mean over this batch.
-    """
-    labels = inputs["labels"]
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    batch_rows, positions = keep.nonzero(as_tuple=True)
-    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    # logits_to_keep takes the sequence positions; rows of a padded batch share them, so we keep the
-    # union of positions and pick each row's own ones below.
-    kept_positions = torch.unique(positions)
-    outputs = model(**model_inputs, use_cache=False, logits_to_keep=kept_positions)
-    logits = outputs.logits  # (batch, len(kept_positions), vocab)
-    column = torch.searchsorted(kept_positions, positions)
-    selected = logits[batch_rows, column].float()
-    loss = F.cross_entropy(selected, targets[batch_rows, positions], reduction="sum")
-    if num_items_in_batch is None:
-        return loss / max(1, int(keep.sum()))
-    return loss / num_items_in_batch
-
-
 class LabelOnlyLossTrainer(Trainer):
     # compute_loss below already divides by the trained tokens of the whole accumulated batch.
     loss_is_scaled_for_ga = True
@@ -101,6 +77,7 @@ class LabelOnlyLossTrainer(Trainer):
         super().__init__(*args, **kwargs)
         # Makes the Trainer count trained tokens per accumulated batch and pass them as num_items_in_batch.
         self.model_accepts_loss_kwargs = True
+        self.add_callback(MarkCompleteCheckpoints())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:  # evaluation: the plain mean over this batch's trained tokens
@@ -110,14 +87,6 @@ class LabelOnlyLossTrainer(Trainer):
             # num_items_in_batch counts every rank's tokens while DDP averages gradients over ranks.
             loss = loss * self.accelerator.num_processes
         return (loss, {}) if return_outputs else loss
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        # Written last, after every rank saved its part: resume only trusts checkpoints that have it.
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            open(os.path.join(folder, CHECKPOINT_COMPLETE), "w").close()
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------

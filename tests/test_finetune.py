@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -123,3 +124,42 @@ def test_tiny_model_build_is_deterministic(tmp_path):
     weights_a, weights_b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[key], weights_b[key]) for key in weights_a)
+
+
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_fused_loss_gradients_equal_plain_cross_entropy(tiny_model_path, tiny_tokenizer, use_lora):
+    from peft import LoraConfig, get_peft_model
+
+    from medlora.loss import fusable_output_layer
+    from medlora.modeling import load_base_model
+    from medlora.records import load_conversations
+    from medlora.templates import PromptTemplate
+    from medlora.tokenization import ConversationEncoder
+    from medlora.training import PackedCollator, PaddedCollator, label_only_loss
+
+    conversations = load_conversations(SAMPLE_SFT).conversations[:5]
+    report = ConversationEncoder(tiny_tokenizer, PromptTemplate.load("alpaca"), 256).encode(conversations)
+    examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in report.examples]
+    torch.manual_seed(0)
+    model = load_base_model(str(tiny_model_path), torch.float32)
+    if use_lora:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert fusable_output_layer(model) is not None
+    use_packed_attention(model, 256)
+
+    def gradients(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fused_loss = label_only_loss(model, PackedCollator()(examples), num_items_in_batch=100)
+    fused = gradients(fused_loss)
+    batch = PaddedCollator(tiny_tokenizer.pad_token_id)(examples)
+    logits = model(**batch).logits[:, :-1]
+    plain_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                                 reduction="sum") / 100
+    plain = gradients(plain_loss)
+    assert abs(fused_loss.item() - plain_loss.item()) < 1e-4
+    assert fused.keys() == plain.keys() and (use_lora or "lm_head.weight" in fused)
+    for name in fused:
+        assert torch.allclose(fused[name], plain[name], atol=1e-5, rtol=1e-3), name

@@ -1,0 +1,99 @@
+"""The training loss: cross-entropy only at positions that carry a label, without full-vocabulary logits.
+
+Prompt positions need no logits, so the output layer runs only where a label is. Where the output layer
+is a plain bias-free Linear (LLaMA, Mistral, Qwen, Gemma, GPT-2, GPT-NeoX, BLOOM, ...), the output layer and
+the cross-entropy are fused and chunked: logits exist for 256 positions at a time, and the gradient with
+respect to the hidden states is computed in the same pass, so neither logits nor their gradient are kept
+for backward. Other heads (a bias, softcapping, a LoRA or modules_to_save wrapper) take the plain path:
+the model's own output layer at the labelled positions (`logits_to_keep`).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from medlora.tokenization import IGNORE_INDEX
+
+# Architectures whose logits are exactly hidden @ lm_head.weight.T (no scaling, softcapping or bias).
+PLAIN_OUTPUT_LAYER = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+                      "gpt2", "gpt_neox", "bloom"}
+CHUNK = 256
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of cross_entropy(hidden @ weight.T, targets), computed chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        needs_grad = hidden.requires_grad or weight.requires_grad  # grad mode is off inside forward
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = (h @ weight.t()).float()
+            log_norm = torch.logsumexp(logits, dim=-1)
+            total += (log_norm - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not needs_grad:
+                continue
+            probs = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place
+            probs[torch.arange(len(t), device=t.device), t] -= 1  # d(loss)/d(logits)
+            grad_hidden[start:start + chunk] = probs.to(weight.dtype) @ weight
+            if grad_weight is not None:
+                grad_weight += probs.t() @ h.float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_output.to(grad_hidden.dtype)
+        weight_grad = None if grad_weight is None else (grad_weight * grad_output).to(ctx.weight_dtype)
+        return grad_hidden * scale, weight_grad, None, None
+
+
+def unwrap(model):
+    """The transformers model under DDP/FSDP wrappers and PEFT."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def fusable_output_layer(model):
+    base = unwrap(model)
+    head = base.get_output_embeddings()
+    if base.config.model_type in PLAIN_OUTPUT_LAYER and type(head) is torch.nn.Linear and head.bias is None:
+        return head
+    return None
+
+
+def label_only_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+    """Summed cross-entropy at the labelled positions, divided by num_items_in_batch when given (the
+    Trainer's count of trained tokens across accumulation steps and devices), else by this batch's count."""
+    targets = inputs["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    rows, positions = keep.nonzero(as_tuple=True)
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    head = fusable_output_layer(model)
+    if head is not None:
+        captured = {}
+
+        def keep_hidden_states(module, args):
+            # The model is still called through its (DDP-wrapped) forward; its output layer sees one position.
+            captured["hidden"] = args[0]
+            return (args[0][:, :1],)
+
+        handle = head.register_forward_pre_hook(keep_hidden_states)
+        try:
+            model(**model_inputs, use_cache=False)
+        finally:
+            handle.remove()
+        hidden = captured["hidden"][rows, positions]
+        loss = FusedLinearCrossEntropy.apply(hidden, head.weight, targets[rows, positions], CHUNK)
+    else:
+        # Rows of a padded batch share logits_to_keep: keep the union of positions, pick each row's own.
+        kept_positions = torch.unique(positions)
+        logits = model(**model_inputs, use_cache=False, logits_to_keep=kept_positions).logits
+        selected = logits[rows, torch.searchsorted(kept_positions, positions)].float()
+        loss = F.cross_entropy(selected, targets[rows, positions], reduction="sum")
+    return loss / (max(1, int(keep.sum())) if num_items_in_batch is None else num_items_in_batch)
