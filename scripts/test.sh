@@ -14,5 +14,7 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "note: chromium is not installed and this user cannot install it; the web UI test will be skipped"
   fi
 fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# One thread per process: tests start several processes (torchrun, servers), and oversubscribed
+# OpenMP threads spin against each other on a small machine.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python -m pytest "$@"
