@@ -104,3 +104,11 @@ def test_one_shot_prompt_prints_the_answer(tiny_adapter, adapter_chat):
     missing = run_script("chat.py", "--lora_weights", "./no-such-adapter", "--prompt", FIRST, check=False)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1] == \
         "error: --lora_weights ./no-such-adapter: no such folder"
+
+
+def test_one_shot_answer_from_a_4bit_base(tiny_adapter):
+    """QLoRA-style inference: the base in 4-bit NF4 through bitsandbytes' CPU kernels, plus the adapter."""
+    result = run_script("chat.py", "--lora_weights", tiny_adapter, "--load_4bit", "--max_new_tokens", 8,
+                        "--prompt", "I have a headache.")
+    assert result.stdout.strip()
+    assert "not medical advice" in result.stderr.lower()

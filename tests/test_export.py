@@ -337,7 +337,7 @@ def test_meta_layout_of_the_tiny_llama_reproduces_its_logits(tiny_adapter):
     merged = merge_adapter(resolve_inputs("", str(tiny_adapter)), torch.float32)
     tensors = meta_state_dict(merged.model, torch.float32)
     params = meta_params(merged.model.config, tensors["tok_embeddings.weight"].shape[0])
-    assert params["n_heads"] == 4 and params["n_kv_heads"] == 2 and params["multiple_of"] == 8
+    assert params["n_heads"] == 4 and params["n_kv_heads"] == 2 and params["multiple_of"] == 128
     check_meta_export(tensors, params, merged.reference_logits, merged.prompt_ids[0])
 
 
@@ -358,7 +358,7 @@ def test_state_dict_export_refuses_other_architectures(gpt2_adapter, tmp_path):
     (4096, 14336, {"multiple_of": 1024, "ffn_dim_multiplier": 1.3}),  # Llama 3 8B, Mistral 7B
     (8192, 28672, None),  # Llama 2/3 70B (Meta: 1.3 x 4096; 1.3 x 1024 gives the same width)
     (2048, 8192, None),  # Llama 3.2 1B
-    (128, 344, {"multiple_of": 8}),  # the built-in tiny model
+    (128, 384, {"multiple_of": 128}),  # the built-in tiny model
     (64, 100, None),  # narrower than Meta's formula: needs a multiplier below 1
 ])
 def test_meta_ffn_sizing_reproduces_intermediate_size(dim, intermediate_size, expected):
