@@ -512,3 +512,23 @@ def test_every_flag_has_its_own_help_line(script):
     for name in inspect.signature(function).parameters:
         assert f"        {name}: " in function.__doc__, f"{script}.py --{name}"
     assert module.__doc__.lstrip().startswith(("Continued", "Preference", "Train", "Reinforcement"))
+
+
+def test_pretrain_under_torchrun_matches_one_process(tmp_path):
+    """Every stage shares finetune.py's torchrun path; continued pretraining stands in for them here."""
+    from tests.conftest import ROOT, run_script
+
+    flags = ["--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "2", "--block_size", "64",
+             "--lora_dropout", "0", "--learning_rate", "1e-2", "--warmup_steps", "0", "--logging_steps", "1"]
+    run_script("pretrain.py", "--output_dir", tmp_path / "one", *flags)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                "pretrain.py", "--output_dir", str(tmp_path / "two"), *flags]
+    result = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done in") == 1
+    losses = [[e["loss"] for e in json.loads((tmp_path / run / "training_log.json").read_text()) if "loss" in e]
+              for run in ("one", "two")]
+    assert len(losses[0]) == len(losses[1]) == 2
+    assert losses[0][0] == pytest.approx(losses[1][0], abs=1e-5)  # same weights, same global batch
+    # After one AdamW step the float summation order of the gradients differs a little.
+    assert losses[0][1] == pytest.approx(losses[1][1], rel=1e-3)
