@@ -41,10 +41,12 @@ from medlora.templates import PromptTemplate
 from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
 from medlora.tokenization import ConversationEncoder
 from medlora.training import (
+    NON_REENTRANT_CHECKPOINTING,
     LabelOnlyLossTrainer,
     PackedCollator,
     PaddedCollator,
     latest_complete_checkpoint,
+    shared_training_arguments,
     supports_packing,
 )
 
@@ -221,7 +223,7 @@ def train(
     attention = model.config._attn_implementation
     if packing and use_packed_attention(model, cutoff_len):
         attention = PACKED_ATTENTION
-    gradient_checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing loses LoRA gradients
+    gradient_checkpointing_kwargs = NON_REENTRANT_CHECKPOINTING
     if load_in_4bit or load_in_8bit:
         if not use_lora:
             raise MedLoRAError("--load_in_4bit/--load_in_8bit need LoRA: quantized weights cannot be trained directly")
@@ -254,35 +256,16 @@ def train(
     on_gpu = torch.cuda.is_available()
     args = transformers.TrainingArguments(
         output_dir=output_dir,
-        per_device_train_batch_size=micro_batch_size,
-        per_device_eval_batch_size=micro_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        num_train_epochs=num_epochs,
-        max_steps=max_steps,
-        learning_rate=learning_rate,
-        warmup_steps=warmup_steps,
-        bf16=on_gpu and dtype == torch.bfloat16,
-        fp16=on_gpu and dtype == torch.float16,
-        gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+        **shared_training_arguments(
+            micro_batch_size=micro_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
+            num_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
+            dtype=dtype, gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps,
+            save_steps=save_steps, save_total_limit=save_total_limit, report_to=report_to,
+            wandb_run_name=wandb_run_name, seed=seed, validation=bool(val_report.examples), eval_steps=eval_steps),
         neftune_noise_alpha=neftune_noise_alpha,
-        logging_steps=logging_steps,
-        eval_strategy="steps" if val_report.examples else "no",
-        eval_steps=eval_steps,
-        save_strategy="steps",
-        save_steps=save_steps,
-        save_total_limit=save_total_limit,
-        report_to=[] if report_to == "none" else [report_to],
-        run_name=wandb_run_name or None,
         train_sampling_strategy="group_by_length" if group_by_length else "random",
         remove_unused_columns=False,
         prediction_loss_only=True,
-        seed=seed,
-        data_seed=seed,
-        ddp_find_unused_parameters=False if world_size > 1 else None,
-        disable_tqdm=not is_main,
-        dataloader_pin_memory=on_gpu,
-        use_cpu=not on_gpu and not torch.backends.mps.is_available(),  # else torchrun on CPU runs unsynchronised copies
     )
     trainer = LabelOnlyLossTrainer(
         model=model,

@@ -40,7 +40,13 @@ from medlora.modeling import (
 from medlora.pretraining import group_into_blocks, load_documents, tokenize_documents
 from medlora.saving import save_trained_model
 from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
-from medlora.training import LabelOnlyLossTrainer, PaddedCollator, latest_complete_checkpoint
+from medlora.training import (
+    NON_REENTRANT_CHECKPOINTING,
+    LabelOnlyLossTrainer,
+    PaddedCollator,
+    latest_complete_checkpoint,
+    shared_training_arguments,
+)
 
 DEFAULT_DATA = str(PROJECT_ROOT / "data" / "pretrain")
 logger = logging.getLogger("pretrain")
@@ -174,7 +180,7 @@ def pretrain(
     load_dtype = torch.float32 if (not use_lora and dtype == torch.float16) else dtype
     model = load_base_model(model_path, load_dtype, load_in_4bit, load_in_8bit, trust_remote_code)
     fit_embeddings_to_tokenizer(model, tokenizer)
-    gradient_checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing loses LoRA gradients
+    gradient_checkpointing_kwargs = NON_REENTRANT_CHECKPOINTING
     if load_in_4bit or load_in_8bit:
         from peft import prepare_model_for_kbit_training
 
@@ -203,33 +209,14 @@ def pretrain(
     on_gpu = torch.cuda.is_available()
     args = transformers.TrainingArguments(
         output_dir=output_dir,
-        per_device_train_batch_size=micro_batch_size,
-        per_device_eval_batch_size=micro_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        num_train_epochs=num_epochs,
-        max_steps=max_steps,
-        learning_rate=learning_rate,
-        warmup_steps=warmup_steps,
-        bf16=on_gpu and dtype == torch.bfloat16,
-        fp16=on_gpu and dtype == torch.float16,
-        gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
-        logging_steps=logging_steps,
-        eval_strategy="steps" if val_blocks.blocks else "no",
-        eval_steps=eval_steps,
-        save_strategy="steps",
-        save_steps=save_steps,
-        save_total_limit=save_total_limit,
-        report_to=[] if report_to == "none" else [report_to],
-        run_name=wandb_run_name or None,
+        **shared_training_arguments(
+            micro_batch_size=micro_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
+            num_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
+            dtype=dtype, gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps,
+            save_steps=save_steps, save_total_limit=save_total_limit, report_to=report_to,
+            wandb_run_name=wandb_run_name, seed=seed, validation=bool(val_blocks.blocks), eval_steps=eval_steps),
         remove_unused_columns=False,
         prediction_loss_only=True,
-        seed=seed,
-        data_seed=seed,
-        ddp_find_unused_parameters=False if world_size > 1 else None,
-        disable_tqdm=not is_main,
-        dataloader_pin_memory=on_gpu,
-        use_cpu=not on_gpu and not torch.backends.mps.is_available(),  # else torchrun on CPU runs unsynchronised copies
     )
     trainer = LabelOnlyLossTrainer(
         model=model,

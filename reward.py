@@ -43,7 +43,12 @@ from medlora.preference import encode_pairs, load_preference_pairs
 from medlora.saving import save_trained_model
 from medlora.templates import PromptTemplate
 from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
-from medlora.training import MarkCompleteCheckpoints, latest_complete_checkpoint
+from medlora.training import (
+    NON_REENTRANT_CHECKPOINTING,
+    MarkCompleteCheckpoints,
+    latest_complete_checkpoint,
+    shared_training_arguments,
+)
 
 DEFAULT_DATA = str(PROJECT_ROOT / "data" / "preference")
 SCORE_HEAD_NAMES = ("score", "classifier")  # what transformers calls the head of *ForSequenceClassification
@@ -181,7 +186,7 @@ def train(
                                 auto_class=AutoModelForSequenceClassification, num_labels=1)
     fit_embeddings_to_tokenizer(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
-    gradient_checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing loses LoRA gradients
+    gradient_checkpointing_kwargs = NON_REENTRANT_CHECKPOINTING
     if load_in_4bit or load_in_8bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
@@ -217,32 +222,13 @@ def train(
     on_gpu = torch.cuda.is_available()
     args = RewardConfig(
         output_dir=output_dir,
+        **shared_training_arguments(
+            micro_batch_size=micro_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
+            num_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
+            dtype=dtype, gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps,
+            save_steps=save_steps, save_total_limit=save_total_limit, report_to=report_to,
+            wandb_run_name=wandb_run_name, seed=seed, validation=val_dataset is not None, eval_steps=eval_steps),
         max_length=None,  # pairs are already cut at --cutoff_len
-        per_device_train_batch_size=micro_batch_size,
-        per_device_eval_batch_size=micro_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        num_train_epochs=num_epochs,
-        max_steps=max_steps,
-        learning_rate=learning_rate,
-        warmup_steps=warmup_steps,
-        bf16=on_gpu and dtype == torch.bfloat16,
-        fp16=on_gpu and dtype == torch.float16,
-        gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
-        logging_steps=logging_steps,
-        eval_strategy="steps" if val_dataset is not None else "no",
-        eval_steps=eval_steps,
-        save_strategy="steps",
-        save_steps=save_steps,
-        save_total_limit=save_total_limit,
-        report_to=[] if report_to == "none" else [report_to],
-        run_name=wandb_run_name or None,
-        seed=seed,
-        data_seed=seed,
-        ddp_find_unused_parameters=False if world_size > 1 else None,
-        disable_tqdm=not is_main,
-        dataloader_pin_memory=on_gpu,
-        use_cpu=not on_gpu and not torch.backends.mps.is_available(),
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=val_dataset,
                             processing_class=tokenizer, callbacks=[MarkCompleteCheckpoints()])

@@ -57,7 +57,12 @@ from medlora.saving import save_trained_model
 from medlora.templates import Conversation, PromptTemplate
 from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
 from medlora.tokenization import ConversationEncoder
-from medlora.training import MarkCompleteCheckpoints, latest_complete_checkpoint
+from medlora.training import (
+    NON_REENTRANT_CHECKPOINTING,
+    MarkCompleteCheckpoints,
+    latest_complete_checkpoint,
+    shared_training_arguments,
+)
 
 DEFAULT_DATA = str(PROJECT_ROOT / "data" / "preference")
 ADVICE = re.compile(r"\b(doctors?|physicians?|clinicians?|GP|nurses?|pharmacists?|midwife|emergency|"
@@ -214,7 +219,7 @@ def train(
     tokenizer = load_tokenizer(lora_weights or model_path, trust_remote_code)
     model = load_base_model(model_path, dtype, load_in_4bit, load_in_8bit, trust_remote_code)
     fit_embeddings_to_tokenizer(model, tokenizer)
-    gradient_checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing loses LoRA gradients
+    gradient_checkpointing_kwargs = NON_REENTRANT_CHECKPOINTING
     if load_in_4bit or load_in_8bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
@@ -237,33 +242,17 @@ def train(
     on_gpu = torch.cuda.is_available()
     args = GRPOConfig(
         output_dir=output_dir,
+        **shared_training_arguments(
+            micro_batch_size=micro_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
+            num_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
+            dtype=dtype, gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps,
+            save_steps=save_steps, save_total_limit=save_total_limit, report_to=report_to,
+            wandb_run_name=wandb_run_name, seed=seed),
         num_generations=num_generations,
         max_completion_length=max_completion_length,
         temperature=temperature,
         top_p=top_p,
         beta=beta,
-        per_device_train_batch_size=micro_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        num_train_epochs=num_epochs,
-        max_steps=max_steps,
-        learning_rate=learning_rate,
-        warmup_steps=warmup_steps,
-        bf16=on_gpu and dtype == torch.bfloat16,
-        fp16=on_gpu and dtype == torch.float16,
-        gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
-        logging_steps=logging_steps,
-        save_strategy="steps",
-        save_steps=save_steps,
-        save_total_limit=save_total_limit,
-        report_to=[] if report_to == "none" else [report_to],
-        run_name=wandb_run_name or None,
-        seed=seed,
-        data_seed=seed,
-        ddp_find_unused_parameters=False if world_size > 1 else None,
-        disable_tqdm=not is_main,
-        dataloader_pin_memory=on_gpu,
-        use_cpu=not on_gpu and not torch.backends.mps.is_available(),
     )
     dataset = Dataset.from_dict({"prompt": [str(index) for index in range(len(prompts))],
                                  "prompt_index": list(range(len(prompts)))})

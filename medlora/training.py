@@ -112,3 +112,47 @@ def latest_complete_checkpoint(output_dir) -> str | None:
     folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     complete = [p for p in folders if (p / CHECKPOINT_COMPLETE).is_file()]
     return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+
+
+# ---- arguments every stage's trainer shares -----------------------------------------------------------------
+NON_REENTRANT_CHECKPOINTING = {"use_reentrant": False}  # reentrant checkpointing loses LoRA gradients
+
+
+def shared_training_arguments(*, micro_batch_size, gradient_accumulation_steps, num_epochs, max_steps, learning_rate,
+                              warmup_steps, dtype, gradient_checkpointing, logging_steps, save_steps, save_total_limit,
+                              report_to, wandb_run_name, seed, validation=None, eval_steps=None) -> dict:
+    """The TrainingArguments (or TRL config) fields that every stage sets the same way: precision from the
+    hardware, checkpoints, logging, seeds, and torchrun on CPU or GPU. validation: None for a stage with
+    no evaluation, else whether there are validation examples."""
+    from medlora import distributed
+
+    on_gpu = torch.cuda.is_available()
+    arguments = dict(
+        per_device_train_batch_size=micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        num_train_epochs=num_epochs,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs=NON_REENTRANT_CHECKPOINTING,
+        logging_steps=logging_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=save_total_limit,
+        report_to=[] if report_to == "none" else [report_to],
+        run_name=wandb_run_name or None,
+        seed=seed,
+        data_seed=seed,
+        ddp_find_unused_parameters=False if distributed.world_size() > 1 else None,
+        disable_tqdm=not distributed.is_main_process(),
+        dataloader_pin_memory=on_gpu,
+        # Without use_cpu, torchrun on a machine without GPU runs unsynchronised copies of the model.
+        use_cpu=not on_gpu and not torch.backends.mps.is_available(),
+    )
+    if validation is not None:
+        arguments.update(per_device_eval_batch_size=micro_batch_size, eval_strategy="steps" if validation else "no",
+                         eval_steps=eval_steps)
+    return arguments
