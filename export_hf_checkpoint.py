@@ -33,8 +33,17 @@ def main(
     trust_remote_code: bool = False,
 ):
     """Merge LORA_WEIGHTS into BASE_MODEL and save the result to OUTPUT_DIR."""
-    from medlora.export import (check_output_dir, check_saved_checkpoint, dtype_name, merge_adapter, resolve_dtype,
-                                resolve_inputs, save_hf_checkpoint, staged_output, write_export_note)
+    from medlora.export import (
+        check_output_dir,
+        check_saved_checkpoint,
+        dtype_name,
+        merge_adapter,
+        resolve_dtype,
+        resolve_inputs,
+        save_hf_checkpoint,
+        staged_output,
+        write_export_note,
+    )
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     inputs = resolve_inputs(base_model, lora_weights)

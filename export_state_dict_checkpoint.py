@@ -32,9 +32,19 @@ def main(
     import torch
     from transformers import AutoConfig
 
-    from medlora.export import (check_meta_layout_supported, check_output_dir, copy_tokenizer_model, dtype_name,
-                                merge_adapter, meta_params, meta_state_dict, resolve_dtype, resolve_inputs,
-                                staged_output, write_export_note)
+    from medlora.export import (
+        check_meta_layout_supported,
+        check_output_dir,
+        copy_tokenizer_model,
+        dtype_name,
+        merge_adapter,
+        meta_params,
+        meta_state_dict,
+        resolve_dtype,
+        resolve_inputs,
+        staged_output,
+        write_export_note,
+    )
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     inputs = resolve_inputs(base_model, lora_weights)

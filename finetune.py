@@ -14,10 +14,8 @@ the adapter (adapter_config.json, adapter_model.safetensors), the tokenizer and 
 import functools
 import logging
 import os
-import random
 import time
 from collections import namedtuple
-from pathlib import Path
 
 import fire
 
@@ -45,8 +43,9 @@ from medlora.training import (
     LabelOnlyLossTrainer,
     PackedCollator,
     PaddedCollator,
-    latest_complete_checkpoint,
+    resolve_resume_checkpoint,
     shared_training_arguments,
+    split_validation,
     supports_packing,
 )
 
@@ -177,26 +176,18 @@ def train(
         for key, value in dict(WANDB_PROJECT=wandb_project, WANDB_WATCH=wandb_watch, WANDB_LOG_MODEL=wandb_log_model).items():
             if value:
                 os.environ[key] = value
-    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
-        resume_from_checkpoint = latest_complete_checkpoint(output_dir)
-        if resume_from_checkpoint is None:
-            raise MedLoRAError(f"--resume_from_checkpoint True: no complete checkpoint in {output_dir}")
-    elif resume_from_checkpoint and not Path(resume_from_checkpoint, "trainer_state.json").is_file():
-        raise MedLoRAError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a checkpoint folder")
+    resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
 
     # ---- data: every record validated and tokenized once (on rank 0), before any model is loaded ----------
     def prepare_data():
         template = PromptTemplate.load(prompt_template_name)
         loaded = load_conversations(data_path, field_map)
         conversations = loaded.conversations
-        random.Random(seed).shuffle(conversations)
-        val_count = int(val_set_size * len(conversations)) if 0 < val_set_size < 1 else int(val_set_size)
-        if val_count >= len(conversations):
-            raise MedLoRAError(f"--val_set_size {val_set_size} leaves no training records out of {len(conversations)}")
+        train_conversations, val_conversations = split_validation(conversations, val_set_size, seed, "records")
         model_path = resolve_base_model(base_model)
         encoder = ConversationEncoder(load_tokenizer(model_path, trust_remote_code), template, cutoff_len,
                                       train_on_inputs, add_eos_token)
-        train_report, val_report = encoder.encode(conversations[val_count:]), encoder.encode(conversations[:val_count])
+        train_report, val_report = encoder.encode(train_conversations), encoder.encode(val_conversations)
         if not train_report.examples:
             raise MedLoRAError(f"{data_path}: no training record has a trained token left after truncation at "
                                f"--cutoff_len {cutoff_len}")

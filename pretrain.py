@@ -19,9 +19,7 @@ import functools
 import logging
 import math
 import os
-import random
 import time
-from pathlib import Path
 
 import fire
 
@@ -44,8 +42,9 @@ from medlora.training import (
     NON_REENTRANT_CHECKPOINTING,
     LabelOnlyLossTrainer,
     PaddedCollator,
-    latest_complete_checkpoint,
+    resolve_resume_checkpoint,
     shared_training_arguments,
+    split_validation,
 )
 
 DEFAULT_DATA = str(PROJECT_ROOT / "data" / "pretrain")
@@ -139,30 +138,22 @@ def pretrain(
         raise MedLoRAError(f"--report_to: unknown value {report_to!r}; use none, tensorboard or wandb")
     if wandb_project:
         report_to, os.environ["WANDB_PROJECT"] = "wandb", wandb_project
-    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
-        resume_from_checkpoint = latest_complete_checkpoint(output_dir)
-        if resume_from_checkpoint is None:
-            raise MedLoRAError(f"--resume_from_checkpoint True: no complete checkpoint in {output_dir}")
-    elif resume_from_checkpoint and not Path(resume_from_checkpoint, "trainer_state.json").is_file():
-        raise MedLoRAError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a checkpoint folder")
+    resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
 
     # ---- data: every document read, tokenized and cut into blocks once (on rank 0), before the model loads --
     def prepare_data():
         loaded = load_documents(data_path, text_field)
         documents = list(loaded.documents)
-        random.Random(seed).shuffle(documents)
-        val_count = int(val_set_size * len(documents)) if 0 < val_set_size < 1 else int(val_set_size)
-        if val_count >= len(documents):
-            raise MedLoRAError(f"--val_set_size {val_set_size} leaves no training documents out of {len(documents)}")
+        train_documents, val_documents = split_validation(documents, val_set_size, seed, "documents")
         model_path = resolve_base_model(base_model)
         tokenizer = load_tokenizer(model_path, trust_remote_code)
-        train_blocks = group_into_blocks(tokenize_documents(tokenizer, documents[val_count:]), block_size)
-        val_blocks = group_into_blocks(tokenize_documents(tokenizer, documents[:val_count]), block_size)
+        train_blocks = group_into_blocks(tokenize_documents(tokenizer, train_documents), block_size)
+        val_blocks = group_into_blocks(tokenize_documents(tokenizer, val_documents), block_size)
         if not train_blocks.blocks:
             raise MedLoRAError(f"{data_path}: the training documents hold {train_blocks.tokens} tokens, less than "
                                f"one block of --block_size {block_size}; lower --block_size")
-        if val_count and not val_blocks.blocks:
-            raise MedLoRAError(f"--val_set_size {val_set_size}: the {val_count} held-out documents hold "
+        if val_documents and not val_blocks.blocks:
+            raise MedLoRAError(f"--val_set_size {val_set_size}: the {len(val_documents)} held-out documents hold "
                                f"{val_blocks.tokens} tokens, less than one block of --block_size {block_size}; "
                                "hold out more documents or lower --block_size")
         return loaded.describe(), model_path, train_blocks, val_blocks

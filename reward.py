@@ -19,9 +19,7 @@ tokenizer, medlora_run.json) is what `rl.py --reward_model OUTPUT_DIR` loads.
 import functools
 import logging
 import os
-import random
 import time
-from pathlib import Path
 
 import fire
 import torch
@@ -46,8 +44,9 @@ from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
 from medlora.training import (
     NON_REENTRANT_CHECKPOINTING,
     MarkCompleteCheckpoints,
-    latest_complete_checkpoint,
+    resolve_resume_checkpoint,
     shared_training_arguments,
+    split_validation,
 )
 
 DEFAULT_DATA = str(PROJECT_ROOT / "data" / "preference")
@@ -143,26 +142,18 @@ def train(
         raise MedLoRAError(f"--report_to: unknown value {report_to!r}; use none, tensorboard or wandb")
     if wandb_project:
         report_to, os.environ["WANDB_PROJECT"] = "wandb", wandb_project
-    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
-        resume_from_checkpoint = latest_complete_checkpoint(output_dir)
-        if resume_from_checkpoint is None:
-            raise MedLoRAError(f"--resume_from_checkpoint True: no complete checkpoint in {output_dir}")
-    elif resume_from_checkpoint and not Path(resume_from_checkpoint, "trainer_state.json").is_file():
-        raise MedLoRAError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a checkpoint folder")
+    resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
 
     # ---- data: every pair validated and tokenized once (on rank 0), before any model is loaded -------------
     def prepare_data():
         template = PromptTemplate.load(prompt_template_name)
         loaded = load_preference_pairs(data_path, field_map)
         pairs = loaded.pairs
-        random.Random(seed).shuffle(pairs)
-        val_count = int(val_set_size * len(pairs)) if 0 < val_set_size < 1 else int(val_set_size)
-        if val_count >= len(pairs):
-            raise MedLoRAError(f"--val_set_size {val_set_size} leaves no training pairs out of {len(pairs)}")
+        training_pairs, held_out_pairs = split_validation(pairs, val_set_size, seed, "pairs")
         model_path = resolve_base_model(base_model)
         tokenizer = load_tokenizer(model_path, trust_remote_code)
-        train_pairs = encode_pairs(tokenizer, template, pairs[val_count:], cutoff_len)
-        val_pairs = encode_pairs(tokenizer, template, pairs[:val_count], cutoff_len)
+        train_pairs = encode_pairs(tokenizer, template, training_pairs, cutoff_len)
+        val_pairs = encode_pairs(tokenizer, template, held_out_pairs, cutoff_len)
         if not train_pairs.examples:
             raise MedLoRAError(f"{data_path}: no training pair is left after truncation at --cutoff_len {cutoff_len}")
         return template, loaded.describe(), len(pairs), train_pairs, val_pairs, model_path

@@ -60,7 +60,7 @@ from medlora.tokenization import ConversationEncoder
 from medlora.training import (
     NON_REENTRANT_CHECKPOINTING,
     MarkCompleteCheckpoints,
-    latest_complete_checkpoint,
+    resolve_resume_checkpoint,
     shared_training_arguments,
 )
 
@@ -186,12 +186,7 @@ def train(
     adapter_settings = load_run_settings(lora_weights) if lora_weights else {}
     base_model = base_model or adapter_settings.get("base_model") or BUILTIN_TINY_MODEL
     prompt_template_name = prompt_template_name or adapter_settings.get("prompt_template_name") or "alpaca"
-    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
-        resume_from_checkpoint = latest_complete_checkpoint(output_dir)
-        if resume_from_checkpoint is None:
-            raise MedLoRAError(f"--resume_from_checkpoint True: no complete checkpoint in {output_dir}")
-    elif resume_from_checkpoint and not Path(resume_from_checkpoint, "trainer_state.json").is_file():
-        raise MedLoRAError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a checkpoint folder")
+    resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
 
     # ---- data: every prompt read and tokenized once (on rank 0), before any model is loaded ----------------
     def prepare_data():

@@ -20,12 +20,8 @@ from medlora.errors import MedLoRAError
 from medlora.records import (
     MESSAGE_ROLES,
     SHAREGPT_ROLES,
-    SUPPORTED_SUFFIXES,
     _text,
-    parse_field_map,
-    read_file_records,
-    read_hub_records,
-    rename_fields,
+    read_sources,
 )
 from medlora.templates import Conversation
 
@@ -69,25 +65,8 @@ class EncodedPairs:
 # ---- reading and validation ------------------------------------------------------------------------------
 def load_preference_pairs(data_path, field_map=None) -> LoadedPreferences:
     """Read and validate every record of a file, a folder of files or a hub dataset."""
-    field_map = parse_field_map(field_map)
-    path = Path(str(data_path)).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in SUPPORTED_SUFFIXES and p.is_file())
-        if not files:
-            raise MedLoRAError(f"{path}: folder has no {'/'.join(SUPPORTED_SUFFIXES)} files")
-        sources = [(str(p), read_file_records(p)) for p in files]
-    elif path.is_file():
-        sources = [(str(path), read_file_records(path))]
-    elif path.suffix in SUPPORTED_SUFFIXES or str(data_path).startswith((".", "/", "~")):
-        raise MedLoRAError(f"{data_path}: no such file or folder")
-    else:
-        sources = [(str(data_path), read_hub_records(str(data_path)))]
-
     loaded = LoadedPreferences([])
-    for source, records in sources:
-        if not records:
-            raise MedLoRAError(f"{source}: no records (empty file)")
-        records = [(number, rename_fields(record, field_map, source, number)) for number, record in records]
+    for source, records in read_sources(data_path, field_map):
         fmt = detect_preference_format(records[0][1], source, records[0][0])
         for number, record in records:
             loaded.pairs.append(to_preference_pair(record, fmt, f"{source}: record {number}"))

@@ -48,6 +48,18 @@ def parse_field_map(field_map) -> dict:
 
 def load_conversations(data_path, field_map=None) -> LoadedData:
     """Read and validate every record of a file, a folder of files or a hub dataset."""
+    loaded = LoadedData([])
+    for source, records in read_sources(data_path, field_map):
+        fmt = detect_format(records[0][1], source, records[0][0])
+        for number, record in records:
+            loaded.conversations.append(to_conversation(record, fmt, f"{source}: record {number}"))
+        loaded.formats[source] = (fmt, len(records))
+    return loaded
+
+
+def read_sources(data_path, field_map=None) -> list:
+    """[(source name, [(record number, record with --field_map applied)])] for a file, a folder of files
+    or a hub dataset; an empty source is an error."""
     field_map = parse_field_map(field_map)
     path = Path(str(data_path)).expanduser()
     if path.is_dir():
@@ -61,17 +73,12 @@ def load_conversations(data_path, field_map=None) -> LoadedData:
         raise MedLoRAError(f"{data_path}: no such file or folder")
     else:
         sources = [(str(data_path), read_hub_records(str(data_path)))]
-
-    loaded = LoadedData([])
+    renamed = []
     for source, records in sources:
         if not records:
             raise MedLoRAError(f"{source}: no records (empty file)")
-        records = [(number, rename_fields(record, field_map, source, number)) for number, record in records]
-        fmt = detect_format(records[0][1], source, records[0][0])
-        for number, record in records:
-            loaded.conversations.append(to_conversation(record, fmt, f"{source}: record {number}"))
-        loaded.formats[source] = (fmt, len(records))
-    return loaded
+        renamed.append((source, [(n, rename_fields(record, field_map, source, n)) for n, record in records]))
+    return renamed
 
 
 # ---- reading -----------------------------------------------------------------------------------------

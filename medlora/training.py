@@ -156,3 +156,31 @@ def shared_training_arguments(*, micro_batch_size, gradient_accumulation_steps, 
         arguments.update(per_device_eval_batch_size=micro_batch_size, eval_strategy="steps" if validation else "no",
                          eval_steps=eval_steps)
     return arguments
+
+
+def resolve_resume_checkpoint(resume_from_checkpoint, output_dir):
+    """--resume_from_checkpoint: True (the newest complete checkpoint in output_dir), a checkpoint folder, or None."""
+    from medlora.errors import MedLoRAError
+
+    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
+        checkpoint = latest_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            raise MedLoRAError(f"--resume_from_checkpoint True: no complete checkpoint in {output_dir}")
+        return checkpoint
+    if resume_from_checkpoint and not os.path.isfile(os.path.join(resume_from_checkpoint, "trainer_state.json")):
+        raise MedLoRAError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a checkpoint folder")
+    return resume_from_checkpoint or None
+
+
+def split_validation(items: list, val_set_size: float, seed: int, what: str = "records") -> tuple:
+    """(train, validation), shuffled with seed; val_set_size is a count, or a fraction when below 1."""
+    import random
+
+    from medlora.errors import MedLoRAError
+
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    val_count = int(val_set_size * len(items)) if 0 < val_set_size < 1 else int(val_set_size)
+    if val_count >= len(items):
+        raise MedLoRAError(f"--val_set_size {val_set_size} leaves no training {what} out of {len(items)}")
+    return items[val_count:], items[:val_count]
