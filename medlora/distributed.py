@@ -11,6 +11,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def local_rank() -> int:
+    """This process's GPU index on its node (0 outside torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
@@ -21,7 +26,7 @@ def init_distributed() -> None:
 
     if world_size() > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(local_rank())
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
 
 

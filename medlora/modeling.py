@@ -1,10 +1,10 @@
 """Loading base models and tokenizers, and configuring LoRA, the same way in every stage."""
 
 import logging
-import os
 
 import torch
 
+from medlora import distributed
 from medlora.errors import MedLoRAError
 from medlora.tiny_model import BUILTIN_TINY_MODEL, ensure_tiny_model
 
@@ -21,11 +21,6 @@ def resolve_base_model(base_model: str) -> str:
 
 
 # ---- devices and precision ---------------------------------------------------------------------------------
-def distributed_local_rank() -> int | None:
-    """This process's rank on its node under torchrun, or None outside torchrun."""
-    return int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
-
-
 def choose_dtype(precision: str = "auto") -> torch.dtype:
     """auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (no fast bf16 on most CPUs)."""
     named = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -100,10 +95,9 @@ def load_base_model(name_or_path: str, dtype: torch.dtype, load_in_4bit=False, l
     way, e.g. a reward model: auto_class=AutoModelForSequenceClassification, num_labels=1."""
     from transformers import AutoModelForCausalLM
 
-    local_rank = distributed_local_rank()
     if device is None:
         if torch.cuda.is_available():
-            device = f"cuda:{local_rank or 0}"
+            device = f"cuda:{distributed.local_rank()}"
         elif torch.backends.mps.is_available():
             device = "mps"
         else:
