@@ -114,6 +114,8 @@ def build_demo(chat: ChatModel, defaults: GenerationSettings, max_input_chars: i
         history = list(history) + [{"role": "assistant", "content": ""}]
         try:
             for text in chat.stream(messages, system, settings, cancel):
+                if cancel.is_set():  # Stop: the answer stays as the user last saw it
+                    break
                 history[-1] = {"role": "assistant", "content": text}
                 yield history
         except MedLoRAError as error:
@@ -176,7 +178,8 @@ def build_demo(chat: ChatModel, defaults: GenerationSettings, max_input_chars: i
 
 
 def launch(demo, server_name: str = "127.0.0.1", server_port: int = 7860, share: bool = False,
-           auth: list | None = None, max_queue_size: int = 16, concurrency_limit: int = 1):
+           auth: list | None = None, max_queue_size: int = 16, concurrency_limit: int = 1, block: bool = True):
+    """Serve the page; block=False returns once it is up (a notebook, a test), demo.close() ends it."""
     import gradio as gr
 
     theme = gr.themes.Soft(font=SYSTEM_FONTS, font_mono=MONO_FONTS)  # local fonts: no request to Google Fonts
@@ -184,6 +187,7 @@ def launch(demo, server_name: str = "127.0.0.1", server_port: int = 7860, share:
     try:
         demo.launch(server_name=server_name, server_port=server_port, share=share, auth=auth,
                     auth_message=f"MedLoRA medical chat. {DISCLAIMER}", show_error=True, theme=theme,
-                    footer_links=[], ssr_mode=False)
+                    footer_links=[], ssr_mode=False,
+                    prevent_thread_lock=not block)
     except OSError as error:  # the port is taken, or the address is not this machine's
         raise MedLoRAError(f"cannot serve on {server_name}:{server_port}: {error}") from None

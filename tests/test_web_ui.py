@@ -5,9 +5,12 @@ system chromium is used). Without them the test skips, or fails when $CI is set.
 is kept in test-artifacts/web_ui.png.
 """
 
+import contextlib
+import json
 import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import pytest
 
 from medlora.generation import ChatModel, GenerationSettings
 from tests.conftest import ROOT
-from tests.test_generation import running_server
+from tests.test_generation import http, running_server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -40,6 +43,15 @@ RECORD_UPDATES = """() => {
   new MutationObserver(record).observe(document.querySelector('#chatbot'),
                                        {childList: true, subtree: true, characterData: true});
 }"""
+
+# Resolves once no ancestor of the element is transparent (Gradio's toasts fade in).
+SHOWN_IN_FULL = """element => new Promise(resolve => {
+  const opaque = () => { for (let e = element; e; e = e.parentElement)
+                           if (getComputedStyle(e).opacity !== '1') return false;
+                         return true; };
+  const check = () => opaque() ? resolve(true) : requestAnimationFrame(check);
+  check();
+})"""
 
 
 def browser_or_skip():
@@ -107,3 +119,185 @@ def test_chat_page_streams_an_answer(tiny_adapter):
             assert page.locator('#chatbot [data-testid="user"]').count() == 0
         finally:
             browser.close()
+
+
+# ---- Stop and a full queue, on a page served in this process ------------------------------------------------
+# The answer being generated is held inside the real model's forward pass (a hook on its embedding
+# layer) until the test lets it go: what the page shows at that moment is fixed, so nothing below
+# depends on how fast this machine is.
+HELD_AFTER_TOKENS = 12
+WAIT_S = 120
+
+
+class HeldFirstAnswer:
+    """Holds the first answer after HELD_AFTER_TOKENS tokens, until `release` is set or that answer's
+    own cancel Event is (the Stop button). Also notes, for each answer, the conversation it was asked
+    with, its cancel Event, each text it streamed (and whether Stop had been pressed by then) and its
+    last text."""
+
+    def __init__(self, chat: ChatModel):
+        self.release, self.held, self.stopped = threading.Event(), threading.Event(), threading.Event()
+        self.conversations, self.cancels, self.streamed, self.finals = [], [], [], []
+        self.forward_calls = 0
+        self.hook = chat.model.get_input_embeddings().register_forward_pre_hook(self.before_forward)
+        stream = chat.stream
+
+        def observed_stream(messages, system=None, settings=None, cancel=None):
+            self.conversations.append(messages)
+            self.cancels.append(cancel)
+            self.streamed.append(streamed := [])
+            text = ""
+            try:
+                for text in stream(messages, system, settings, cancel):
+                    streamed.append((text, cancel is not None and cancel.is_set()))
+                    yield text
+            finally:
+                self.finals.append(text)
+
+        chat.stream = observed_stream
+
+    def before_forward(self, module, args):
+        if len(self.cancels) != 1:  # only the first answer is held
+            return
+        self.forward_calls += 1  # one call for the prompt and for each new token: call k makes token k
+        if self.forward_calls != HELD_AFTER_TOKENS + 1:
+            return
+        self.held.set()
+        deadline = time.monotonic() + WAIT_S
+        while not self.release.wait(0.05) and time.monotonic() < deadline:
+            if self.cancels[0] is not None and self.cancels[0].is_set():
+                self.stopped.set()
+                return
+
+    def wait_for_answers(self, count: int):
+        deadline = time.monotonic() + WAIT_S
+        while len(self.finals) < count:
+            assert time.monotonic() < deadline, f"{len(self.finals)} answers finished, expected {count}"
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def served_in_process(chat: ChatModel, max_queue_size: int = 16):
+    from medlora.web_ui import build_demo, launch
+    from tests.test_generation import free_port
+
+    demo = build_demo(chat, SETTINGS, max_input_chars=MAX_INPUT_CHARS, concurrency_limit=1)
+    port = free_port()
+    launch(demo, server_port=port, max_queue_size=max_queue_size, concurrency_limit=1, block=False)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        demo.close()
+
+
+def open_chat_page(browser, url):
+    page = browser.new_page(viewport={"width": 1200, "height": 1000})
+    page.goto(url, wait_until="domcontentloaded")
+    page.wait_for_selector("#question textarea", timeout=60_000)
+    return page
+
+
+def ask(page, question):
+    page.fill("#question textarea", question)
+    page.press("#question textarea", "Enter")
+
+
+def bot_texts(page) -> list:
+    return page.locator('#chatbot [data-testid="bot"]').all_inner_texts()
+
+
+def wait_for_bot_words(page, index: int, expected: str):
+    """Until the page's bot message number `index` shows exactly the words of `expected`."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        texts = bot_texts(page)
+        if len(texts) > index and words(texts[index]) == words(expected):
+            return
+        assert time.monotonic() < deadline, f"bot message {index} never became {expected!r}: {texts!r}"
+        page.wait_for_timeout(100)
+
+
+@pytest.fixture()
+def chat_model(tiny_adapter):
+    return ChatModel.load(lora_weights=str(tiny_adapter))
+
+
+def test_stop_button_ends_the_answer_and_keeps_the_conversation(chat_model):
+    sync_playwright = browser_or_skip()
+    unstopped = chat_model.answer([{"role": "user", "content": QUESTION}], settings=SETTINGS)
+    unstopped_tokens = len(chat_model.tokenizer(unstopped, add_special_tokens=False).input_ids)
+    assert unstopped_tokens > HELD_AFTER_TOKENS + 1, "the answer must be long enough to be stopped midway"
+    gate = HeldFirstAnswer(chat_model)
+    with served_in_process(chat_model) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = open_chat_page(browser, url)
+            ask(page, QUESTION)
+            assert gate.held.wait(WAIT_S), "the answer never reached the held token"
+            page.wait_for_function("() => { const b = document.querySelectorAll('#chatbot [data-testid=\"bot\"]');"
+                                   " return b.length && b[b.length - 1].innerText.trim().length > 0; }",
+                                   timeout=WAIT_S * 1000)
+
+            page.click("#stop")
+            assert gate.stopped.wait(WAIT_S), "Stop did not set the cancel of the answer being generated"
+            gate.wait_for_answers(1)
+            # generation ended at the first step after Stop, not at the end of the answer
+            assert gate.forward_calls == HELD_AFTER_TOKENS + 1
+            assert unstopped.startswith(gate.finals[0]) and len(gate.finals[0]) < len(unstopped)
+
+            # the session goes on: the next question is answered in full, with the stopped exchange kept
+            follow_up = "Is it safe to take ibuprofen for it?"
+            ask(page, follow_up)
+            gate.wait_for_answers(2)
+            wait_for_bot_words(page, 1, gate.finals[1])
+            assert not gate.cancels[1].is_set()
+            assert gate.finals[1] == chat_model.answer(gate.conversations[1], settings=SETTINGS)
+            question, stopped_answer, asked = gate.conversations[1]
+            assert question == {"role": "user", "content": QUESTION} and asked["content"] == follow_up
+            # the page kept the answer as it stood at Stop: streamed before Stop, nothing added after
+            stopped_answer = stopped_answer["content"]
+            assert (stopped_answer, False) in gate.streamed[0]
+            assert all(text != stopped_answer for text, after_stop in gate.streamed[0] if after_stop)
+            assert words(bot_texts(page)[0]) == words(stopped_answer)
+        finally:
+            browser.close()
+            gate.hook.remove()
+
+
+def test_a_full_queue_tells_the_user_the_app_is_busy(chat_model):
+    """One answer at a time and one waiting: a third user is told the app is busy, and can ask again
+    once the queue has room."""
+    sync_playwright = browser_or_skip()
+    gate = HeldFirstAnswer(chat_model)
+    with served_in_process(chat_model, max_queue_size=1) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            first, second, third = (open_chat_page(browser, url) for _ in range(3))
+            ask(first, QUESTION)
+            assert gate.held.wait(WAIT_S), "the first answer never started"
+            ask(second, QUESTION)
+            deadline = time.monotonic() + WAIT_S
+            while json.loads(http(url + "/gradio_api/queue/status")[1])["queue_size"] < 1:
+                assert time.monotonic() < deadline, "the second question never joined the queue"
+                time.sleep(0.05)
+
+            ask(third, QUESTION)
+            busy = third.get_by_text("This application is currently busy").first
+            busy.wait_for(timeout=WAIT_S * 1000)
+            busy.evaluate(SHOWN_IN_FULL)  # the toast has faded in: the user can read it
+            assert third.locator('#chatbot [data-testid="user"]').count() == 0
+            assert third.input_value("#question textarea") == QUESTION  # kept, to send again
+            third.screenshot(path=str(SCREENSHOT.with_name("web_ui_busy.png")), animations="disabled")
+
+            gate.release.set()
+            gate.wait_for_answers(2)
+            wait_for_bot_words(first, 0, gate.finals[0])
+            wait_for_bot_words(second, 0, gate.finals[1])
+            assert gate.finals[0] == gate.finals[1]  # greedy: the same question, the same answer
+
+            third.press("#question textarea", "Enter")  # the queue has room again
+            gate.wait_for_answers(3)
+            wait_for_bot_words(third, 0, gate.finals[2])
+        finally:
+            browser.close()
+            gate.hook.remove()
