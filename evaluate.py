@@ -48,14 +48,8 @@ def main(
     trust_remote_code: bool = False,
 ):
     """Evaluate BASE_MODEL (+ LORA_WEIGHTS) on the questions in DATA_PATH."""
-    from medlora.evaluation import (
-        Evaluator,
-        ModelResults,
-        load_question_file,
-        pick_fewshot,
-        question_files,
-        summary_table,
-    )
+    from medlora.evaluation import Evaluator, ModelResults, summary_table
+    from medlora.questions import load_question_file, pick_fewshot, question_files
     from medlora.records import load_conversations
     from medlora.run_settings import load_run_settings
     from medlora.templates import PromptTemplate

@@ -22,7 +22,6 @@ import functools
 import logging
 import os
 import random
-import re
 import time
 from pathlib import Path
 
@@ -33,7 +32,6 @@ from trl import GRPOTrainer
 
 from medlora import distributed
 from medlora.errors import MedLoRAError, exit_on_error
-from medlora.generation import StopStrings, read_prediction_records
 from medlora.modeling import (
     choose_dtype,
     count_parameters,
@@ -44,17 +42,11 @@ from medlora.modeling import (
     resolve_lora_targets,
     trainable_parameters_to_fp32,
 )
-from medlora.preference import (
-    load_preference_pairs,
-    load_reward_model,
-    restore_fp32_adapter,
-    score_sequences,
-    with_reply,
-)
-from medlora.records import SUPPORTED_SUFFIXES, read_file_records
+from medlora.preference import load_reward_model, restore_fp32_adapter
+from medlora.rewards import load_prompts, mean_greedy_reward, model_reward, rule_reward
 from medlora.run_settings import load_run_settings
 from medlora.saving import save_trained_model
-from medlora.templates import Conversation, PromptTemplate
+from medlora.templates import PromptTemplate
 from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
 from medlora.tokenization import ConversationEncoder
 from medlora.training import (
@@ -65,9 +57,6 @@ from medlora.training import (
 )
 
 DEFAULT_DATA = str(PROJECT_ROOT / "data" / "preference")
-ADVICE = re.compile(r"\b(doctors?|physicians?|clinicians?|GP|nurses?|pharmacists?|midwife|emergency|"
-                    r"medical (?:attention|advice|help|care)|health ?care provider)\b|医生|就医|就诊|医院|急诊",
-                    re.IGNORECASE)
 hub_constants.HF_HUB_DISABLE_TELEMETRY = True  # TRL's trainers report usage to the Hub; MedLoRA sends nothing
 logger = logging.getLogger("rl")
 
@@ -288,96 +277,6 @@ def train(
                     if eval_set else "")
         print(f"done in {time.time() - started:.0f}s: {result.global_step} steps{measured}; adapter in {output_dir}")
     return trainer
-
-
-def load_prompts(data_path) -> list:
-    """Conversations ending with the user's turn, from a .txt file (one question a line), preference
-    files, or any record file finetune.py or generate.py reads; a folder is read file by file."""
-    path = Path(str(data_path)).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (*SUPPORTED_SUFFIXES, ".txt"))
-        if not files:
-            raise MedLoRAError(f"{path}: folder has no .txt or {'/'.join(SUPPORTED_SUFFIXES)} files")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise MedLoRAError(f"{data_path}: no such file or folder")
-    conversations = []
-    for file in files:
-        if file.suffix == ".txt":
-            lines = [(n, line.strip()) for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1)]
-            found = [Conversation([{"role": "user", "content": text}], None, f"{file}: line {n}")
-                     for n, text in lines if text]
-        elif (records := read_file_records(file)) and isinstance(records[0][1], dict) and "chosen" in records[0][1]:
-            found = [pair.conversation for pair in load_preference_pairs(file).pairs]
-        else:
-            found = [Conversation(r.messages, r.system, r.source) for r in read_prediction_records(file)]
-        if not found:
-            raise MedLoRAError(f"{file}: no prompts (empty file)")
-        conversations += found
-    return conversations
-
-
-# ---- rewards ---------------------------------------------------------------------------------------------
-def rule_reward(max_reply_chars: int, template):
-    """+1 when the reply advises seeing a clinician; + min(1, max_reply_chars / reply characters) for brevity.
-
-    A reply that runs on past the template's stop string counts with everything it generated."""
-    stops = StopStrings(template.stop)
-
-    def advice_and_brevity(prompts, completions, completion_ids, **kwargs):
-        rewards = []
-        for text in completions:
-            advice = ADVICE.search(stops.cut(text)[0]) is not None
-            rewards.append(float(advice) + min(1.0, max_reply_chars / max(len(text.strip()), 1)))
-        return rewards
-
-    return advice_and_brevity
-
-
-def model_reward(reward_net, reward_tokenizer, reward_settings, policy_prompts, policy_template):
-    """The reward model's score of each conversation with the reply, rendered with the reward model's template."""
-    encoder = ConversationEncoder(reward_tokenizer, PromptTemplate.load(reward_settings["prompt_template_name"]))
-    cutoff_len = reward_settings.get("cutoff_len") or None
-    stops = StopStrings(policy_template.stop)
-
-    def reward_model_score(prompts, completions, completion_ids, prompt_index, **kwargs):
-        conversations = [with_reply(policy_prompts[index][0], stops.cut(text)[0].strip() or text)
-                         for index, text in zip(prompt_index, completions, strict=True)]
-        sequences = [example.input_ids[:cutoff_len] for example in encoder.encode(conversations).examples]
-        return score_sequences(reward_net, sequences, reward_tokenizer.pad_token_id)
-
-    return reward_model_score
-
-
-def mean_greedy_reward(model, tokenizer, prompts, reward_function, max_new_tokens, batch_size=8) -> float | None:
-    """Mean reward of the policy's greedy replies (deterministic, so before and after compare fairly)."""
-    if not prompts:
-        return None
-    was_training, rewards = model.training, []
-    model.eval()
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        width = max(len(ids) for _, ids in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (_, ids) in enumerate(batch):  # left padding: generation continues every row at the end
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention_mask[row, width - len(ids):] = 1
-        with torch.no_grad():
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                    do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=eos)
-        completion_ids = []
-        for row in output[:, width:].tolist():
-            completion_ids.append(row[:row.index(eos) + 1] if eos in row else row)
-        completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        rewards += reward_function(prompts=[""] * len(batch), completions=completions, completion_ids=completion_ids,
-                                   prompt_index=list(range(start, start + len(batch))))
-    model.train(was_training)
-    return sum(rewards) / len(rewards)
 
 
 class PromptIdsGRPOTrainer(GRPOTrainer):

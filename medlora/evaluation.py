@@ -1,16 +1,6 @@
-"""Medical multiple-choice evaluation and held-out perplexity (used by evaluate.py).
+"""Scoring medical multiple-choice questions and held-out perplexity (used by evaluate.py).
 
-Question files are JSON arrays or JSON Lines; the format is detected per file from its first record:
-  medqa     {"question", "options": {"A": text, ...} or [text, ...], "answer_idx" or "answer"}
-            the answer is a letter ("C") or a 0-based index; "answer" may also be the correct option's
-            text (MedQA's own files carry both). MMLU-style "choices" is read like "options".
-  medmcqa   {"question", "opa", "opb", "opc", "opd", "cop"}; cop is 1-based (1 = opa), as in MedMCQA's files
-  pubmedqa  {"question", "context": text or {"contexts": [text, ...]}, "final_decision": "yes"|"no"|"maybe"}
-            scored as the options A. yes / B. no / C. maybe
-
-Every question becomes a conversation in the prompt template: the user turn is the question with one
-"A. text" line per option (PubMedQA's context goes in the template's input slot); the reply is the
-option written the same way, "C. Vitamin C". Few-shot examples are earlier turns with their replies.
+Questions and their prompts come from medlora/questions.py.
 
 loglik (lm-evaluation-harness multiple-choice style): each option's reply is scored by the sum of the
 log-probabilities of its tokens after the prompt (no EOS).  acc: the option with the highest sum is
@@ -20,7 +10,6 @@ Perplexity of an SFT file: exp(mean NLL over the reply tokens, encoded exactly a
 """
 
 import math
-import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,198 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from medlora.errors import MedLoRAError
-from medlora.records import _text, read_file_records, rename_fields
-from medlora.templates import Conversation
+from medlora.questions import LETTERS, Question, conversation, reply_text
 from medlora.tokenization import IGNORE_INDEX, ConversationEncoder
-
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-PUBMEDQA_OPTIONS = ["yes", "no", "maybe"]
-QUESTION_SUFFIXES = (".json", ".jsonl")
-ANSWER_INSTRUCTION = "Answer with the letter of the correct option."
-
-
-@dataclass
-class Question:
-    question: str
-    options: list  # option texts in letter order
-    answer: int  # index of the correct option
-    context: str = ""
-    source: str = ""  # "file: record N"
-    id: str | None = None  # the record's own "id" (MedMCQA) or "pubid" (PubMedQA), for joining reports
-
-    @property
-    def letters(self) -> str:
-        return LETTERS[: len(self.options)]
-
-
-@dataclass
-class QuestionFile:
-    path: str
-    format: str
-    questions: list
-
-
-# ---- reading question files ----------------------------------------------------------------------------------
-def question_files(data_path) -> list:
-    """--data_path: a file, a folder of .json/.jsonl files, or several paths (a list or "a,b")."""
-    paths = list(data_path) if isinstance(data_path, (list, tuple)) else str(data_path).split(",")
-    files = []
-    for path in (Path(str(p).strip()).expanduser() for p in paths if str(p).strip()):
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix in QUESTION_SUFFIXES and p.is_file())
-            if not found:
-                raise MedLoRAError(f"{path}: folder has no .json or .jsonl question files")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise MedLoRAError(f"{path}: no such file or folder")
-    if not files:
-        raise MedLoRAError("--data_path is empty; give a question file or folder")
-    return files
-
-
-def load_question_file(path) -> QuestionFile:
-    path = Path(path)
-    if path.suffix not in QUESTION_SUFFIXES:
-        raise MedLoRAError(f"{path}: question files are .json or .jsonl")
-    records = [(number, rename_fields(record, {}, str(path), number)) for number, record in read_file_records(path)]
-    if not records:
-        raise MedLoRAError(f"{path}: no records (empty file)")
-    fmt = detect_question_format(records[0][1], f"{path}: record {records[0][0]}")
-    parse = {"medqa": _medqa, "medmcqa": _medmcqa, "pubmedqa": _pubmedqa}[fmt]
-    questions = []
-    for number, record in records:
-        questions.append(parse(record, f"{path}: record {number}"))
-        record_id = record.get("id", record.get("pubid"))
-        questions[-1].id = None if record_id is None else str(record_id)
-    return QuestionFile(str(path), fmt, questions)
-
-
-def detect_question_format(record: dict, where: str) -> str:
-    if "options" in record or "choices" in record:
-        return "medqa"
-    if "opa" in record:
-        return "medmcqa"
-    if "final_decision" in record:
-        return "pubmedqa"
-    raise MedLoRAError(f"{where}: unknown question format: fields {sorted(record)}; expected medqa (question, options, "
-                       "answer_idx), medmcqa (question, opa..opd, cop) or pubmedqa (question, context, final_decision)")
-
-
-def _option_text(value, where: str, field_name: str) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
-    return _text({field_name: value}, field_name, where)
-
-
-def _medqa(record: dict, where: str) -> Question:
-    question = _text(record, "question", where)
-    key = "options" if "options" in record else "choices"
-    options = record[key]
-    if isinstance(options, dict):
-        expected = list(LETTERS[: len(options)])
-        if sorted(options) != expected:
-            raise MedLoRAError(f"{where}: field '{key}': keys must be the letters {', '.join(expected)}; "
-                               f"got {', '.join(map(str, options))}")
-        options = [_option_text(options[letter], where, f"{key}.{letter}") for letter in expected]
-    elif isinstance(options, list):
-        options = [_option_text(text, where, f"{key}[{index}]") for index, text in enumerate(options)]
-    else:
-        raise MedLoRAError(f"{where}: field '{key}': expected an object of letter -> text, or a list of texts")
-    if not 2 <= len(options) <= len(LETTERS):
-        raise MedLoRAError(f"{where}: field '{key}': expected 2 to 26 options, got {len(options)}")
-    answer_key = "answer_idx" if "answer_idx" in record else "answer"
-    if answer_key not in record:
-        raise MedLoRAError(f"{where}: field 'answer_idx': missing (give the correct option as 'answer_idx' or 'answer')")
-    return Question(question, options, _answer(record[answer_key], options, where, answer_key), source=where)
-
-
-def _answer(value, options: list, where: str, field_name: str) -> int:
-    """A letter, a 0-based index or (for 'answer') the correct option's text."""
-    letters = LETTERS[: len(options)]
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(options):
-        return value
-    if isinstance(value, str) and value.strip().upper() in letters and len(value.strip()) == 1:
-        return letters.index(value.strip().upper())
-    if isinstance(value, str) and field_name == "answer" and value.strip() in [o.strip() for o in options]:
-        return [o.strip() for o in options].index(value.strip())
-    raise MedLoRAError(f"{where}: field '{field_name}': {value!r} is not an option; expected a letter "
-                       f"{letters[0]}-{letters[-1]} or a 0-based index 0-{len(options) - 1}")
-
-
-def _medmcqa(record: dict, where: str) -> Question:
-    question = _text(record, "question", where)
-    options = [_option_text(record.get(key), where, key) for key in ("opa", "opb", "opc", "opd")]
-    cop = record.get("cop")
-    if cop is None:
-        raise MedLoRAError(f"{where}: field 'cop': missing")
-    if isinstance(cop, bool) or not isinstance(cop, int) or not 1 <= cop <= 4:
-        raise MedLoRAError(f"{where}: field 'cop': expected 1-4 (1-based, 1 = opa, as in MedMCQA's files), "
-                           f"got {cop!r}; 0-based exports need 1 added")
-    return Question(question, options, cop - 1, source=where)
-
-
-def _pubmedqa(record: dict, where: str) -> Question:
-    question = _text(record, "question", where)
-    context = record.get("context")
-    if isinstance(context, dict):
-        contexts = context.get("contexts")
-        if not isinstance(contexts, list) or not contexts or not all(isinstance(c, str) for c in contexts):
-            raise MedLoRAError(f"{where}: field 'context.contexts': expected a non-empty list of texts")
-        context = "\n".join(contexts)
-    else:
-        context = _text(record, "context", where)
-    decision = _text(record, "final_decision", where).strip().lower()
-    if decision not in PUBMEDQA_OPTIONS:
-        raise MedLoRAError(f"{where}: field 'final_decision': expected yes, no or maybe, got {record['final_decision']!r}")
-    return Question(question, list(PUBMEDQA_OPTIONS), PUBMEDQA_OPTIONS.index(decision), context, where)
-
-
-# ---- prompts ---------------------------------------------------------------------------------------------------
-def reply_text(question: Question, index: int) -> str:
-    return f"{question.letters[index]}. {question.options[index]}"
-
-
-def question_text(question: Question) -> str:
-    options = "\n".join(reply_text(question, index) for index in range(len(question.options)))
-    return f"{question.question.strip()}\n\n{options}\n\n{ANSWER_INSTRUCTION}"
-
-
-def conversation(question: Question, shots=(), reply_index: int | None = None) -> Conversation:
-    """Few-shot examples as earlier turns with their correct replies, then the question, then
-    (for scoring) one option's reply. Only the first turn has the template's input slot, so a
-    later turn's context is written before its question."""
-    messages = []
-    for position, turn in enumerate([*shots, question]):
-        message = {"role": "user", "content": question_text(turn)}
-        if turn.context and not messages:
-            message["input"] = turn.context
-        elif turn.context:
-            message["content"] = f"Context: {turn.context}\n\n{message['content']}"
-        messages.append(message)
-        if position < len(shots):
-            messages.append({"role": "assistant", "content": reply_text(turn, turn.answer)})
-    if reply_index is not None:
-        messages.append({"role": "assistant", "content": reply_text(question, reply_index)})
-    return Conversation(messages, source=question.source)
-
-
-def pick_fewshot(questions: list, pool: list, num_fewshot: int, seed: int, same_file: bool) -> list:
-    """num_fewshot examples for every question, drawn with a per-question seeded generator, so a
-    question's examples do not change with --limit or the other questions. A question never serves
-    as its own example, nor does a copy of it in the pool (a dev split overlapping the test split)."""
-    if num_fewshot <= 0:
-        return [[] for _ in questions]
-    shots = []
-    for index, question in enumerate(questions):
-        candidates = [other for position, other in enumerate(pool)
-                      if not (same_file and position == index) and other.question != question.question]
-        if len(candidates) < num_fewshot:
-            raise MedLoRAError(f"--num_fewshot {num_fewshot}: only {len(candidates)} example questions available "
-                               f"for {question.source}")
-        shots.append(random.Random(f"{seed}:{index}").sample(candidates, num_fewshot))
-    return shots
 
 
 # ---- metrics and answer extraction ------------------------------------------------------------------------------

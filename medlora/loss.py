@@ -31,15 +31,24 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             logits = (h @ weight.t()).float()
-            log_norm = torch.logsumexp(logits, dim=-1)
-            total += (log_norm - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            target_logits = logits.gather(1, t[:, None]).squeeze(1)
+            # log-sum-exp by hand, in place: torch.logsumexp would allocate and exponentiate a second copy
+            peak = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(peak).exp_()
+            sums = exps.sum(dim=-1, keepdim=True)
+            total += (peak.squeeze(1) + sums.squeeze(1).log() - target_logits).sum()
             if not needs_grad:
                 continue
-            probs = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place
-            probs[torch.arange(len(t), device=t.device), t] -= 1  # d(loss)/d(logits)
-            grad_hidden[start:start + chunk] = probs.to(weight.dtype) @ weight
+            # d(loss)/d(logits) = softmax - onehot, so d(loss)/d(h) = (exps @ weight) / sums - weight[t]:
+            # the division runs on the hidden-size product, not on the vocabulary-size softmax.
             if grad_weight is not None:
+                probs = exps.div_(sums)
                 grad_weight += probs.t() @ h.float()
+                grad_weight.index_add_(0, t, h.float(), alpha=-1)
+                grad_h = probs.to(weight.dtype) @ weight
+            else:
+                grad_h = (exps.to(weight.dtype) @ weight).float().div_(sums)
+            grad_hidden[start:start + chunk] = grad_h.float() - weight[t].float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total

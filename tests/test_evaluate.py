@@ -1,6 +1,6 @@
-"""evaluate.py and medlora/evaluation.py on the built-in tiny model: question formats and their errors,
-loglik scores against a brute-force computation, acc vs acc_norm, answer extraction, batching,
-perplexity, and --compare end to end."""
+"""evaluate.py, medlora/questions.py and medlora/evaluation.py on the built-in tiny model: question
+formats and their errors, loglik scores against a brute-force computation, acc vs acc_norm, answer
+extraction, batching, perplexity, and --compare end to end."""
 
 import json
 import math
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from medlora.errors import MedLoRAError
-from medlora.evaluation import (Evaluator, Question, choose_options, conversation, extract_choice,
-                                load_question_file, pick_fewshot, question_files)
+from medlora.evaluation import Evaluator, choose_options, extract_choice
 from medlora.modeling import load_for_inference
+from medlora.questions import Question, conversation, load_question_file, pick_fewshot, question_files
 from medlora.records import load_conversations
 from medlora.templates import PromptTemplate
 from medlora.tokenization import ConversationEncoder

@@ -449,6 +449,7 @@ def test_rl_with_the_rule_reward_raises_the_mean_reward(rl_policy, tmp_path):
 
 def test_rl_against_the_reward_model(reward_model, tiny_adapter, tmp_path):
     import rl
+    from medlora import rewards
     from medlora.modeling import load_for_inference
     from medlora.preference import load_reward_model, score_sequences
 
@@ -465,27 +466,27 @@ def test_rl_against_the_reward_model(reward_model, tiny_adapter, tmp_path):
     # A reply's reward is the reward model's score of the conversation rendered with the reward model's template,
     # cut at the policy template's stop string.
     net, tokenizer, rm_settings = load_reward_model(str(rm_dir))
-    conversation = rl.load_prompts(prompts)[0]
+    conversation = rewards.load_prompts(prompts)[0]
     encoder = ConversationEncoder(tokenizer, PromptTemplate.load(rm_settings["prompt_template_name"]))
     ids = encoder.encode([with_reply(conversation, "Please see a doctor.")]).examples[0].input_ids
-    reward = rl.model_reward(net, tokenizer, rm_settings, [(conversation, [])], PromptTemplate.load("alpaca"))
+    reward = rewards.model_reward(net, tokenizer, rm_settings, [(conversation, [])], PromptTemplate.load("alpaca"))
     scored = reward(prompts=[""], completions=["Please see a doctor.\n\n### Instruction:\nmore"], completion_ids=[[]],
                     prompt_index=[0])
     assert scored[0] == pytest.approx(score_sequences(net, [ids], tokenizer.pad_token_id)[0], abs=1e-6)
 
 
 def test_prompts_come_from_any_record_file(tmp_path):
-    import rl
+    from medlora import rewards
 
     questions = tmp_path / "questions.txt"
     questions.write_text("Fever?\n\nCough?\n", encoding="utf-8")
-    assert [c.messages for c in rl.load_prompts(questions)] == [[{"role": "user", "content": "Fever?"}],
-                                                                [{"role": "user", "content": "Cough?"}]]
-    from_sft = rl.load_prompts(ROOT / "data" / "sft" / "medical_chat_en.json")
+    assert [c.messages for c in rewards.load_prompts(questions)] == [[{"role": "user", "content": "Fever?"}],
+                                                                     [{"role": "user", "content": "Cough?"}]]
+    from_sft = rewards.load_prompts(ROOT / "data" / "sft" / "medical_chat_en.json")
     assert from_sft and all(c.messages[-1]["role"] == "user" for c in from_sft)
-    from_pairs = rl.load_prompts(PREFERENCE_SAMPLE)
+    from_pairs = rewards.load_prompts(PREFERENCE_SAMPLE)
     assert len(from_pairs) == 44 and from_pairs[0].messages[-1]["role"] == "user"
-    assert rl.rule_reward(30, PromptTemplate.load("alpaca"))(
+    assert rewards.rule_reward(30, PromptTemplate.load("alpaca"))(
         prompts=["", "", ""], completions=["Please see your doctor.", "Rest at home.", "x" * 40 + " doctor"],
         completion_ids=[[], [], []]) == [2.0, 1.0, 1.0 + 30 / 47]
 
