@@ -126,6 +126,31 @@ def test_tiny_model_build_is_deterministic(tmp_path):
     assert all(torch.equal(weights_a[key], weights_b[key]) for key in weights_a)
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_fused_linear_cross_entropy_equals_cross_entropy_of_full_logits(dtype, tolerance):
+    """The fused, chunked loss against the model's own way, F.cross_entropy on full logits (a matmul in
+    the model's precision, upcast to fp32), for the summed loss and the gradients of both the hidden
+    states and the weight; 40 rows in chunks of 16 leave a partial last chunk. bf16 is what GPUs
+    train with."""
+    from medlora.loss import FusedLinearCrossEntropy
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(40, 32, generator=generator) * 2).to(dtype).requires_grad_()
+    weight = torch.randn(500, 32, generator=generator).to(dtype).requires_grad_()
+    targets = torch.randint(0, 500, (40,), generator=generator)
+    fused = FusedLinearCrossEntropy.apply(hidden, weight, targets, 16)
+    (fused * 0.5).backward()  # a scaled upstream gradient, as the division by the token count gives
+    reference_hidden = hidden.detach().clone().requires_grad_()
+    reference_weight = weight.detach().clone().requires_grad_()
+    reference = F.cross_entropy((reference_hidden @ reference_weight.t()).float(), targets, reduction="sum")
+    (reference * 0.5).backward()
+    assert fused.dtype == torch.float32 and hidden.grad.dtype == dtype and weight.grad.dtype == dtype
+    assert torch.allclose(fused, reference, rtol=tolerance)
+    for ours, expected in ((hidden.grad, reference_hidden.grad), (weight.grad, reference_weight.grad)):
+        scale = expected.abs().max()
+        assert (ours.float() - expected.float()).abs().max() <= tolerance * scale
+
+
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
 def test_fused_loss_gradients_equal_plain_cross_entropy(tiny_model_path, tiny_tokenizer, use_lora):
     from peft import LoraConfig, get_peft_model
