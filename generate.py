@@ -59,7 +59,7 @@ def main(
 
     # ---- check every input before the model loads ---------------------------------------------------------
     if batch:
-        from medlora.generation import read_prediction_records
+        from medlora.predictions import read_prediction_records
 
         if not (data_file and predictions_file):
             raise MedLoRAError("batch mode needs both --data_file and --predictions_file")
@@ -84,7 +84,7 @@ def main(
 
     # ---- batch mode -----------------------------------------------------------------------------------------
     if batch:
-        from medlora.generation import write_predictions
+        from medlora.predictions import write_predictions
 
         summary = write_predictions(chat, records, predictions_file, settings)
         print(f"wrote {summary['records']} predictions to {predictions_file} in {summary['seconds']:.1f}s "

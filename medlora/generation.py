@@ -14,27 +14,17 @@ template it was trained with, and answers conversations:
 decoding, temperature > 0 samples (with top_p and top_k), num_beams > 1 is beam search. A sampling
 knob is never passed without do_sample, so no setting silently does nothing.
 
-`read_prediction_records` and `write_predictions` are generate.py's batch mode.
+Batch answers (generate.py --data_file) are in medlora/predictions.py.
 """
 
 import json
 import logging
-import os
-import tempfile
 import threading
-import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from medlora.errors import MedLoRAError
-from medlora.records import (
-    SUPPORTED_SUFFIXES,
-    detect_format,
-    read_file_records,
-    rename_fields,
-    to_conversation,
-)
 from medlora.templates import Conversation, PromptTemplate
 
 DEFAULT_TEMPLATE = "alpaca"
@@ -321,82 +311,3 @@ def model_context_length(model, tokenizer) -> int:
             return value
     limit = getattr(tokenizer, "model_max_length", None)
     return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else 2048
-
-
-# ---- batch mode ----------------------------------------------------------------------------------------------
-@dataclass
-class PredictionRecord:
-    number: int  # as records.read_file_records numbers them (JSON Lines: the line number)
-    messages: list  # ending with the user's turn
-    system: str | None
-    reference: str | None  # the record's own answer, when it has one
-    source: str
-
-
-def read_prediction_records(data_file) -> list:
-    """Questions to answer, in any format medlora.records reads: alpaca records (output optional), or
-    messages/sharegpt records ending with the user's turn. A record that ends with an assistant reply
-    keeps it as the reference answer, which is not shown to the model."""
-    path = Path(str(data_file)).expanduser()
-    if not path.is_file():
-        raise MedLoRAError(f"--data_file {data_file}: no such file")
-    if path.suffix not in SUPPORTED_SUFFIXES:
-        raise MedLoRAError(f"--data_file {data_file}: unsupported file type; use {', '.join(SUPPORTED_SUFFIXES)}")
-    raw = read_file_records(path)
-    if not raw:
-        raise MedLoRAError(f"{path}: no records (empty file)")
-    fmt = detect_format(rename_fields(raw[0][1], {}, str(path), raw[0][0]), str(path), raw[0][0])
-    records = []
-    for number, record in raw:
-        where = f"{path}: record {number}"
-        record, has_reference = with_reply_slot(rename_fields(record, {}, str(path), number), fmt, where)
-        conversation = to_conversation(record, fmt, where)
-        reply = conversation.messages.pop()
-        records.append(PredictionRecord(number, conversation.messages, conversation.system,
-                                        reply["content"] if has_reference else None, where))
-    return records
-
-
-def with_reply_slot(record: dict, fmt: str, where: str) -> tuple:
-    """The record with a placeholder reply where it has none, so records.to_conversation validates it
-    like a training record; and whether the record had its own reply."""
-    placeholder = "(to be predicted)"
-    if fmt == "alpaca":
-        if record.get("output") in (None, ""):
-            return {**record, "output": placeholder}, False
-        return record, True
-    key, role_key, content_key, assistant = (("conversations", "from", "value", "gpt") if fmt == "sharegpt"
-                                             else ("messages", "role", "content", "assistant"))
-    turns = record.get(key)
-    if not isinstance(turns, list) or not turns or not isinstance(turns[-1], dict):
-        return record, True  # to_conversation explains what is wrong
-    if str(turns[-1].get(role_key)).lower() in ("user", "human"):
-        return {**record, key: turns + [{role_key: assistant, content_key: placeholder}]}, False
-    return record, True
-
-
-def write_predictions(chat: ChatModel, records: list, predictions_file, settings: GenerationSettings) -> dict:
-    """Answer every record and write one JSON line per record, atomically: a temporary file in the same
-    folder, renamed over predictions_file only when every answer is written."""
-    from tqdm import tqdm
-
-    started = time.time()
-    prompts = [chat.prompt_for(r.messages, r.system, settings.max_new_tokens, r.source) for r in records]
-    target = Path(str(predictions_file)).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}.",
-                                         suffix=".tmp", delete=False)
-    try:
-        with handle:
-            for record, prompt in tqdm(list(zip(records, prompts, strict=True)), desc="predicting", unit="record"):
-                prediction = final_text(chat.stream_prompt(prompt.input_ids, settings))
-                line = {"record": record.number, "prompt": prompt.text, "prediction": prediction}
-                if record.reference is not None:
-                    line["reference"] = record.reference
-                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-        os.replace(handle.name, target)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return dict(records=len(records), seconds=time.time() - started, settings=asdict(settings),
-                trimmed=sum(1 for p in prompts if p.dropped_exchanges))

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from medlora.errors import MedLoRAError
-from medlora.generation import StopStrings, read_prediction_records
+from medlora.generation import StopStrings
+from medlora.predictions import read_prediction_records
 from medlora.preference import load_preference_pairs, score_sequences, with_reply
 from medlora.records import SUPPORTED_SUFFIXES, read_file_records
 from medlora.templates import Conversation, PromptTemplate

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from medlora.errors import MedLoRAError
-from medlora.generation import ChatModel, GenerationSettings, StopStrings, read_prediction_records
+from medlora.generation import ChatModel, GenerationSettings, StopStrings
+from medlora.predictions import read_prediction_records
 from medlora.templates import Conversation, PromptTemplate
 from medlora.tokenization import IGNORE_INDEX
 from tests.conftest import ROOT, run_script
