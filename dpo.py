@@ -19,7 +19,6 @@ there are none) are reported before and after training. The output folder is an 
 chat.py, generate.py and evaluate.py load with --lora_weights and no other flag.
 """
 
-import functools
 import logging
 import os
 import time
@@ -325,10 +324,5 @@ class PreferenceTrainer(DPOTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-@functools.wraps(train)
-def cli(*args, **kwargs):
-    train(*args, **kwargs)  # fire would try to display a returned object
-
-
 if __name__ == "__main__":
-    exit_on_error(lambda: fire.Fire(cli))
+    exit_on_error(lambda: fire.Fire(distributed.stage_command(train)))

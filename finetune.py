@@ -11,7 +11,6 @@ the adapter (adapter_config.json, adapter_model.safetensors), the tokenizer and 
 (the resolved settings) into --output_dir. Flags keep alpaca-lora's names and meanings.
 """
 
-import functools
 import logging
 import os
 import time
@@ -304,10 +303,5 @@ def print_data_summary(data_description, read, train_report, val_report, cutoff_
     print("\n".join(lines), flush=True)
 
 
-@functools.wraps(train)
-def cli(*args, **kwargs):
-    train(*args, **kwargs)  # fire would try to display a returned object
-
-
 if __name__ == "__main__":
-    exit_on_error(lambda: fire.Fire(cli))
+    exit_on_error(lambda: fire.Fire(distributed.stage_command(train)))

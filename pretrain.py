@@ -15,7 +15,6 @@ validation perplexity before and after. The output folder holds a LoRA adapter (
 `python finetune.py --lora_weights OUTPUT_DIR` continues this adapter on chat data.
 """
 
-import functools
 import logging
 import math
 import os
@@ -243,10 +242,5 @@ def perplexity(trainer) -> float:
     return math.exp(min(trainer.evaluate()["eval_loss"], 50.0))
 
 
-@functools.wraps(pretrain)
-def cli(*args, **kwargs):
-    pretrain(*args, **kwargs)  # fire would try to display a returned object
-
-
 if __name__ == "__main__":
-    exit_on_error(lambda: fire.Fire(cli))
+    exit_on_error(lambda: fire.Fire(distributed.stage_command(pretrain)))

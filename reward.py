@@ -16,7 +16,6 @@ are none) is reported before and after training. The output folder (adapter with
 tokenizer, medlora_run.json) is what `rl.py --reward_model OUTPUT_DIR` loads.
 """
 
-import functools
 import logging
 import os
 import time
@@ -246,10 +245,5 @@ def train(
     return trainer
 
 
-@functools.wraps(train)
-def cli(*args, **kwargs):
-    train(*args, **kwargs)  # fire would try to display a returned object
-
-
 if __name__ == "__main__":
-    exit_on_error(lambda: fire.Fire(cli))
+    exit_on_error(lambda: fire.Fire(distributed.stage_command(train)))

@@ -18,7 +18,6 @@ The mean reward of greedy replies to the first --eval_prompts prompts is reporte
 The output folder is an adapter that chat.py, generate.py and evaluate.py load with no other flag.
 """
 
-import functools
 import logging
 import os
 import random
@@ -291,10 +290,5 @@ class PromptIdsGRPOTrainer(GRPOTrainer):
         return [list(self.medlora_prompt_ids[int(index)]) for index in prompts], None, {}
 
 
-@functools.wraps(train)
-def cli(*args, **kwargs):
-    train(*args, **kwargs)  # fire would try to display a returned object
-
-
 if __name__ == "__main__":
-    exit_on_error(lambda: fire.Fire(cli))
+    exit_on_error(lambda: fire.Fire(distributed.stage_command(train)))

@@ -1,5 +1,7 @@
 """torchrun support: who we are, and doing work once on rank 0 and sharing the result."""
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -51,3 +53,32 @@ def run_once_and_share(work):
     if status == "error":
         raise MedLoRAError(value)
     return value
+
+
+@contextlib.contextmanager
+def closing_process_group():
+    """Close the process group when the work ends. Left open, gloo's threads can abort the process
+    (SIGABRT) while Python shuts down. After success every rank first waits for the others, since
+    rank 0 may still be saving; after an error the group is closed at once."""
+    import torch.distributed as dist
+
+    try:
+        yield
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def stage_command(stage):
+    """A stage's train function as the `fire` command: the process group closed at the end, and the
+    return value not displayed (fire would print it)."""
+    @functools.wraps(stage)
+    def command(*args, **kwargs):
+        with closing_process_group():
+            stage(*args, **kwargs)
+
+    return command

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,6 +77,23 @@ def test_torchrun_batch_size_must_divide(tmp_path):
     result = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "--batch_size 6 must be a multiple of --micro_batch_size 2 x 2 processes" in result.stderr
+
+
+def test_torchrun_bad_record_stops_every_process_with_the_error(tmp_path):
+    """Rank 0 validates; its one-line error reaches every rank, each exits 2 (not a hang, not an abort
+    of a process group left open) and nothing is written."""
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps([{"instruction": "Fever?", "output": "Rest."}, {"instruction": "", "output": "x"}]))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+                "finetune.py", "--output_dir", str(tmp_path / "out"), "--data_path", str(data),
+                "--batch_size", "4", "--micro_batch_size", "2"]
+    result = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    message = f"error: {data}: record 2: field 'instruction': empty (and no 'input')"
+    assert result.stderr.count(message) == 2, result.stderr[-3000:]
+    exit_codes = re.findall(r"exitcode\s*:\s*(-?\d+) \(pid", result.stderr)  # torchrun's per-process summary
+    assert exit_codes == ["2", "2"], result.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
 
 
 def test_resume_after_sigkill_ends_with_the_same_adapter(tmp_path):
