@@ -136,8 +136,10 @@ def shared_training_arguments(*, micro_batch_size, gradient_accumulation_steps, 
         warmup_steps=warmup_steps,
         bf16=on_gpu and dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
-        gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs=NON_REENTRANT_CHECKPOINTING,
+        # transformers 5's names (gradient_checkpointing* are deprecated aliases); set explicitly, they also
+        # override TRL configs' default of checkpointing on
+        activation_checkpointing=gradient_checkpointing,
+        activation_checkpointing_kwargs=NON_REENTRANT_CHECKPOINTING,
         logging_steps=logging_steps,
         save_strategy="steps",
         save_steps=save_steps,
