@@ -210,7 +210,6 @@ def train(
         peft_config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
                                  bias="none", task_type="CAUSAL_LM")
 
-    on_gpu = torch.cuda.is_available()
     args = DPOConfig(
         output_dir=output_dir,
         **shared_training_arguments(

@@ -243,7 +243,6 @@ def train(
                            template)
 
     as_dicts = lambda report: [{"input_ids": e.input_ids, "labels": e.labels} for e in report.examples]  # noqa: E731
-    on_gpu = torch.cuda.is_available()
     args = transformers.TrainingArguments(
         output_dir=output_dir,
         **shared_training_arguments(

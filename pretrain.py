@@ -196,7 +196,6 @@ def pretrain(
         ]), flush=True)
 
     as_dicts = lambda blocks: [{"input_ids": ids, "labels": ids} for ids in blocks.blocks]  # noqa: E731
-    on_gpu = torch.cuda.is_available()
     args = transformers.TrainingArguments(
         output_dir=output_dir,
         **shared_training_arguments(

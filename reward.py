@@ -209,7 +209,6 @@ def train(
         {"chosen_ids": encoded.sequences("chosen"), "rejected_ids": encoded.sequences("rejected")})
     train_dataset = as_dataset(train_pairs)
     val_dataset = as_dataset(val_pairs) if val_pairs.examples else None
-    on_gpu = torch.cuda.is_available()
     args = RewardConfig(
         output_dir=output_dir,
         **shared_training_arguments(

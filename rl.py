@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import fire
-import torch
 from huggingface_hub import constants as hub_constants
 from trl import GRPOTrainer
 
@@ -222,7 +221,6 @@ def train(
     else:
         reward_function = rule_reward(max_reply_chars, template)
 
-    on_gpu = torch.cuda.is_available()
     args = GRPOConfig(
         output_dir=output_dir,
         **shared_training_arguments(
