@@ -26,7 +26,6 @@ from pathlib import Path
 
 import fire
 from huggingface_hub import constants as hub_constants
-from trl import GRPOTrainer
 
 from medlora import distributed
 from medlora.errors import MedLoRAError, exit_on_error
@@ -41,7 +40,7 @@ from medlora.modeling import (
     trainable_parameters_to_fp32,
 )
 from medlora.preference import load_reward_model, restore_fp32_adapter
-from medlora.rewards import load_prompts, mean_greedy_reward, model_reward, rule_reward
+from medlora.rewards import PromptIdsGRPOTrainer, load_prompts, mean_greedy_reward, model_reward, rule_reward
 from medlora.run_settings import load_run_settings
 from medlora.saving import save_trained_model
 from medlora.templates import PromptTemplate
@@ -274,18 +273,6 @@ def train(
                     if eval_set else "")
         print(f"done in {time.time() - started:.0f}s: {result.global_step} steps{measured}; adapter in {output_dir}")
     return trainer
-
-
-class PromptIdsGRPOTrainer(GRPOTrainer):
-    """GRPOTrainer whose prompts are token ids made by ConversationEncoder.encode_prompt, the exact ids
-    finetune.py trained on (the dataset's "prompt" column holds each prompt's index)."""
-
-    def __init__(self, *args, prompt_ids, **kwargs):
-        self.medlora_prompt_ids = prompt_ids
-        super().__init__(*args, **kwargs)
-
-    def _tokenize_prompts(self, prompts):
-        return [list(self.medlora_prompt_ids[int(index)]) for index in prompts], None, {}
 
 
 if __name__ == "__main__":

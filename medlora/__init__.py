@@ -21,7 +21,8 @@ The top-level scripts (finetune.py, generate.py, chat.py, ...) are thin; what th
   export            merging an adapter into its base and checking the merge
   pretraining       documents to token blocks (pretrain.py)
   preference        preference pairs and reward models (dpo.py, reward.py)
-  rewards           prompts and rewards for GRPO (rl.py)
+  preference_trainer  TRL's DPOTrainer on those pairs, with ORPO and SimPO (dpo.py)
+  rewards           prompts, rewards and the GRPO trainer (rl.py)
 """
 
 import logging
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 # bitsandbytes (imported by PEFT and transformers) warns at every import on a CPU that an optional
 # kernel from the Hub is missing. It would only speed up 4-bit matmuls on CPU, which MedLoRA runs in
-# tests alone, and the Hub may be out of reach; the warning would open every command's output.
+# tests alone, and the Hub may be out of reach; the warning would open every command's output. Each
+# script imports medlora before the libraries that import bitsandbytes (tests/test_readme_commands.py).
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: "kernels-community" not in record.getMessage())

@@ -4,12 +4,14 @@ load_prompts         conversations ending with the user's turn, from any file th
 rule_reward          +1 for advising a clinician, up to +1 for brevity
 model_reward         a reward model's score (reward.py), on the conversation in its own template
 mean_greedy_reward   the mean reward of the policy's greedy replies, reported before and after training
+PromptIdsGRPOTrainer TRL's GRPOTrainer on prompts tokenized exactly as finetune.py tokenizes them
 """
 
 import re
 from pathlib import Path
 
 import torch
+from trl import GRPOTrainer
 
 from medlora.errors import MedLoRAError
 from medlora.generation import StopStrings
@@ -112,3 +114,15 @@ def mean_greedy_reward(model, tokenizer, prompts, reward_function, max_new_token
                                    prompt_index=list(range(start, start + len(batch))))
     model.train(was_training)
     return sum(rewards) / len(rewards)
+
+
+class PromptIdsGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose prompts are token ids made by ConversationEncoder.encode_prompt, the exact ids
+    finetune.py trained on (the dataset's "prompt" column holds each prompt's index)."""
+
+    def __init__(self, *args, prompt_ids, **kwargs):
+        self.medlora_prompt_ids = prompt_ids
+        super().__init__(*args, **kwargs)
+
+    def _tokenize_prompts(self, prompts):
+        return [list(self.medlora_prompt_ids[int(index)]) for index in prompts], None, {}

@@ -310,7 +310,7 @@ def test_preference_losses_match_their_formulas(tiny_model_path, tiny_tokenizer)
     from trl import DPOConfig
     from trl.trainer.utils import use_adapter
 
-    from dpo import PreferenceTrainer
+    from medlora.preference_trainer import PreferenceTrainer
     from medlora.modeling import load_base_model
 
     pairs = load_preference_pairs(PREFERENCE_SAMPLE).pairs[:3]
