@@ -20,7 +20,6 @@ chat.py, generate.py and evaluate.py load with --lora_weights and no other flag.
 """
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -46,8 +45,10 @@ from medlora.saving import save_trained_model
 from medlora.templates import PromptTemplate
 from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
 from medlora.training import (
-    NON_REENTRANT_CHECKPOINTING,
     MarkCompleteCheckpoints,
+    gradient_accumulation_steps_for,
+    prepare_quantized_for_training,
+    resolve_report_to,
     resolve_resume_checkpoint,
     shared_training_arguments,
     split_validation,
@@ -151,14 +152,8 @@ def train(
     if loss not in LOSSES:
         raise MedLoRAError(f"--loss: unknown value {loss!r}; use {', '.join(LOSSES)}")
     beta = DEFAULT_BETA[loss] if beta is None else float(beta)
-    if batch_size % (micro_batch_size * world_size):
-        raise MedLoRAError(f"--batch_size {batch_size} must be a multiple of --micro_batch_size {micro_batch_size} "
-                           f"x {world_size} processes")
-    gradient_accumulation_steps = batch_size // (micro_batch_size * world_size)
-    if report_to not in ("none", "tensorboard", "wandb"):
-        raise MedLoRAError(f"--report_to: unknown value {report_to!r}; use none, tensorboard or wandb")
-    if wandb_project:
-        report_to, os.environ["WANDB_PROJECT"] = "wandb", wandb_project
+    gradient_accumulation_steps = gradient_accumulation_steps_for(batch_size, micro_batch_size)
+    report_to = resolve_report_to(report_to, wandb_project)
     if lora_weights and not Path(lora_weights, "adapter_config.json").is_file():
         raise MedLoRAError(f"--lora_weights {lora_weights}: no adapter_config.json; is this an adapter folder?")
     adapter_settings = load_run_settings(lora_weights) if lora_weights else {}
@@ -186,7 +181,7 @@ def train(
     # ---- model ---------------------------------------------------------------------------------------------
     import transformers
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel
     from trl import DPOConfig
 
     transformers.set_seed(seed)
@@ -194,10 +189,8 @@ def train(
     tokenizer = load_tokenizer(lora_weights or model_path, trust_remote_code)
     model = load_base_model(model_path, dtype, load_in_4bit, load_in_8bit, trust_remote_code)
     fit_embeddings_to_tokenizer(model, tokenizer)
-    gradient_checkpointing_kwargs = NON_REENTRANT_CHECKPOINTING
     if load_in_4bit or load_in_8bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        model = prepare_quantized_for_training(model, gradient_checkpointing)
     peft_config = None
     if lora_weights:
         model = PeftModel.from_pretrained(model, lora_weights, is_trainable=True)

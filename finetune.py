@@ -12,7 +12,6 @@ the adapter (adapter_config.json, adapter_model.safetensors), the tokenizer and 
 """
 
 import logging
-import os
 import time
 from collections import namedtuple
 
@@ -38,10 +37,12 @@ from medlora.templates import PromptTemplate
 from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
 from medlora.tokenization import ConversationEncoder
 from medlora.training import (
-    NON_REENTRANT_CHECKPOINTING,
     LabelOnlyLossTrainer,
     PackedCollator,
     PaddedCollator,
+    gradient_accumulation_steps_for,
+    prepare_quantized_for_training,
+    resolve_report_to,
     resolve_resume_checkpoint,
     shared_training_arguments,
     split_validation,
@@ -164,17 +165,8 @@ def train(
     settings = dict(locals())
     world_size, is_main = distributed.world_size(), distributed.is_main_process()
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
-    if batch_size % (micro_batch_size * world_size):
-        raise MedLoRAError(f"--batch_size {batch_size} must be a multiple of --micro_batch_size {micro_batch_size} "
-                           f"x {world_size} processes")
-    gradient_accumulation_steps = batch_size // (micro_batch_size * world_size)
-    if report_to not in ("none", "tensorboard", "wandb"):
-        raise MedLoRAError(f"--report_to: unknown value {report_to!r}; use none, tensorboard or wandb")
-    if wandb_project or report_to == "wandb":
-        report_to = "wandb"
-        for key, value in dict(WANDB_PROJECT=wandb_project, WANDB_WATCH=wandb_watch, WANDB_LOG_MODEL=wandb_log_model).items():
-            if value:
-                os.environ[key] = value
+    gradient_accumulation_steps = gradient_accumulation_steps_for(batch_size, micro_batch_size)
+    report_to = resolve_report_to(report_to, wandb_project, wandb_watch, wandb_log_model)
     resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
 
     # ---- data: every record validated and tokenized once (on rank 0), before any model is loaded ----------
@@ -213,14 +205,10 @@ def train(
     attention = model.config._attn_implementation
     if packing and use_packed_attention(model, cutoff_len):
         attention = PACKED_ATTENTION
-    gradient_checkpointing_kwargs = NON_REENTRANT_CHECKPOINTING
     if load_in_4bit or load_in_8bit:
         if not use_lora:
             raise MedLoRAError("--load_in_4bit/--load_in_8bit need LoRA: quantized weights cannot be trained directly")
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        model = prepare_quantized_for_training(model, gradient_checkpointing)
     targets = None
     if use_lora and lora_weights:
         from peft import PeftModel

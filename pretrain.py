@@ -17,7 +17,6 @@ validation perplexity before and after. The output folder holds a LoRA adapter (
 
 import logging
 import math
-import os
 import time
 
 import fire
@@ -38,9 +37,11 @@ from medlora.pretraining import group_into_blocks, load_documents, tokenize_docu
 from medlora.saving import save_trained_model
 from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
 from medlora.training import (
-    NON_REENTRANT_CHECKPOINTING,
     LabelOnlyLossTrainer,
     PaddedCollator,
+    gradient_accumulation_steps_for,
+    prepare_quantized_for_training,
+    resolve_report_to,
     resolve_resume_checkpoint,
     shared_training_arguments,
     split_validation,
@@ -127,16 +128,10 @@ def pretrain(
     settings = dict(locals())
     world_size, is_main = distributed.world_size(), distributed.is_main_process()
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
-    if batch_size % (micro_batch_size * world_size):
-        raise MedLoRAError(f"--batch_size {batch_size} must be a multiple of --micro_batch_size {micro_batch_size} "
-                           f"x {world_size} processes")
-    gradient_accumulation_steps = batch_size // (micro_batch_size * world_size)
+    gradient_accumulation_steps = gradient_accumulation_steps_for(batch_size, micro_batch_size)
     if not use_lora and (load_in_4bit or load_in_8bit):
         raise MedLoRAError("--load_in_4bit/--load_in_8bit need LoRA: quantized weights cannot be trained directly")
-    if report_to not in ("none", "tensorboard", "wandb"):
-        raise MedLoRAError(f"--report_to: unknown value {report_to!r}; use none, tensorboard or wandb")
-    if wandb_project:
-        report_to, os.environ["WANDB_PROJECT"] = "wandb", wandb_project
+    report_to = resolve_report_to(report_to, wandb_project)
     resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
 
     # ---- data: every document read, tokenized and cut into blocks once (on rank 0), before the model loads --
@@ -170,12 +165,8 @@ def pretrain(
     load_dtype = torch.float32 if (not use_lora and dtype == torch.float16) else dtype
     model = load_base_model(model_path, load_dtype, load_in_4bit, load_in_8bit, trust_remote_code)
     fit_embeddings_to_tokenizer(model, tokenizer)
-    gradient_checkpointing_kwargs = NON_REENTRANT_CHECKPOINTING
     if load_in_4bit or load_in_8bit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        model = prepare_quantized_for_training(model, gradient_checkpointing)
     targets = None
     if use_lora:
         from peft import LoraConfig, get_peft_model

@@ -17,7 +17,6 @@ tokenizer, medlora_run.json) is what `rl.py --reward_model OUTPUT_DIR` loads.
 """
 
 import logging
-import os
 import time
 
 import fire
@@ -41,8 +40,10 @@ from medlora.saving import save_trained_model
 from medlora.templates import PromptTemplate
 from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
 from medlora.training import (
-    NON_REENTRANT_CHECKPOINTING,
     MarkCompleteCheckpoints,
+    gradient_accumulation_steps_for,
+    prepare_quantized_for_training,
+    resolve_report_to,
     resolve_resume_checkpoint,
     shared_training_arguments,
     split_validation,
@@ -133,14 +134,8 @@ def train(
     settings = dict(locals())
     world_size, is_main = distributed.world_size(), distributed.is_main_process()
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
-    if batch_size % (micro_batch_size * world_size):
-        raise MedLoRAError(f"--batch_size {batch_size} must be a multiple of --micro_batch_size {micro_batch_size} "
-                           f"x {world_size} processes")
-    gradient_accumulation_steps = batch_size // (micro_batch_size * world_size)
-    if report_to not in ("none", "tensorboard", "wandb"):
-        raise MedLoRAError(f"--report_to: unknown value {report_to!r}; use none, tensorboard or wandb")
-    if wandb_project:
-        report_to, os.environ["WANDB_PROJECT"] = "wandb", wandb_project
+    gradient_accumulation_steps = gradient_accumulation_steps_for(batch_size, micro_batch_size)
+    report_to = resolve_report_to(report_to, wandb_project)
     resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
 
     # ---- data: every pair validated and tokenized once (on rank 0), before any model is loaded -------------
@@ -163,7 +158,7 @@ def train(
     # ---- model ---------------------------------------------------------------------------------------------
     import transformers
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
     from trl.trainer.reward_trainer import suppress_seqcls_warning
@@ -176,10 +171,8 @@ def train(
                                 auto_class=AutoModelForSequenceClassification, num_labels=1)
     fit_embeddings_to_tokenizer(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
-    gradient_checkpointing_kwargs = NON_REENTRANT_CHECKPOINTING
     if load_in_4bit or load_in_8bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        model = prepare_quantized_for_training(model, gradient_checkpointing)
     head = [name for name in SCORE_HEAD_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)]
     if not head:
         raise MedLoRAError(f"{model_path}: the {type(model).__name__} score head is not named "

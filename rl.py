@@ -19,7 +19,6 @@ The output folder is an adapter that chat.py, generate.py and evaluate.py load w
 """
 
 import logging
-import os
 import random
 import time
 from pathlib import Path
@@ -47,8 +46,10 @@ from medlora.templates import PromptTemplate
 from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
 from medlora.tokenization import ConversationEncoder
 from medlora.training import (
-    NON_REENTRANT_CHECKPOINTING,
     MarkCompleteCheckpoints,
+    gradient_accumulation_steps_for,
+    prepare_quantized_for_training,
+    resolve_report_to,
     resolve_resume_checkpoint,
     shared_training_arguments,
 )
@@ -151,19 +152,13 @@ def train(
     settings = dict(locals())
     world_size, is_main = distributed.world_size(), distributed.is_main_process()
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
-    if batch_size % (micro_batch_size * world_size):
-        raise MedLoRAError(f"--batch_size {batch_size} must be a multiple of --micro_batch_size {micro_batch_size} "
-                           f"x {world_size} processes")
+    gradient_accumulation_steps = gradient_accumulation_steps_for(batch_size, micro_batch_size)
     if num_generations < 2 or batch_size % num_generations:
         raise MedLoRAError(f"--batch_size {batch_size} must be a multiple of --num_generations {num_generations} "
                            "(at least 2: GRPO compares the replies to one prompt)")
     if temperature <= 0 or not 0 < top_p <= 1:
         raise MedLoRAError("--temperature must be > 0 and --top_p in (0, 1]: GRPO learns from sampled replies")
-    gradient_accumulation_steps = batch_size // (micro_batch_size * world_size)
-    if report_to not in ("none", "tensorboard", "wandb"):
-        raise MedLoRAError(f"--report_to: unknown value {report_to!r}; use none, tensorboard or wandb")
-    if wandb_project:
-        report_to, os.environ["WANDB_PROJECT"] = "wandb", wandb_project
+    report_to = resolve_report_to(report_to, wandb_project)
     for flag, folder in (("--lora_weights", lora_weights), ("--reward_model", reward_model)):
         if folder and not Path(folder, "adapter_config.json").is_file():
             raise MedLoRAError(f"{flag} {folder}: no adapter_config.json; is this a folder MedLoRA wrote?")
@@ -192,7 +187,7 @@ def train(
     # ---- models ----------------------------------------------------------------------------------------------
     import transformers
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel
     from trl import GRPOConfig
 
     transformers.set_seed(seed)
@@ -200,10 +195,8 @@ def train(
     tokenizer = load_tokenizer(lora_weights or model_path, trust_remote_code)
     model = load_base_model(model_path, dtype, load_in_4bit, load_in_8bit, trust_remote_code)
     fit_embeddings_to_tokenizer(model, tokenizer)
-    gradient_checkpointing_kwargs = NON_REENTRANT_CHECKPOINTING
     if load_in_4bit or load_in_8bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        model = prepare_quantized_for_training(model, gradient_checkpointing)
     peft_config = None
     if lora_weights:
         model = PeftModel.from_pretrained(model, lora_weights, is_trainable=True)

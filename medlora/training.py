@@ -18,6 +18,8 @@ import os
 import torch
 from transformers import Trainer, TrainerCallback
 
+from medlora import distributed
+from medlora.errors import MedLoRAError
 from medlora.loss import label_only_loss
 from medlora.tokenization import IGNORE_INDEX
 
@@ -118,14 +120,41 @@ def latest_complete_checkpoint(output_dir) -> str | None:
 NON_REENTRANT_CHECKPOINTING = {"use_reentrant": False}  # reentrant checkpointing loses LoRA gradients
 
 
+def gradient_accumulation_steps_for(batch_size: int, micro_batch_size: int) -> int:
+    """--batch_size examples per optimizer step, made of --micro_batch_size on every torchrun process."""
+    per_pass = micro_batch_size * distributed.world_size()
+    if batch_size % per_pass:
+        raise MedLoRAError(f"--batch_size {batch_size} must be a multiple of --micro_batch_size {micro_batch_size} "
+                           f"x {distributed.world_size()} processes")
+    return batch_size // per_pass
+
+
+def resolve_report_to(report_to: str, wandb_project: str = "", wandb_watch: str = "", wandb_log_model: str = "") -> str:
+    """--report_to checked; a --wandb_* flag turns Weights & Biases on (alpaca-lora's flags), through its variables."""
+    if report_to not in ("none", "tensorboard", "wandb"):
+        raise MedLoRAError(f"--report_to: unknown value {report_to!r}; use none, tensorboard or wandb")
+    if not (wandb_project or report_to == "wandb"):
+        return report_to
+    for key, value in dict(WANDB_PROJECT=wandb_project, WANDB_WATCH=wandb_watch, WANDB_LOG_MODEL=wandb_log_model).items():
+        if value:
+            os.environ[key] = value
+    return "wandb"
+
+
+def prepare_quantized_for_training(model, gradient_checkpointing: bool):
+    """PEFT's preparation of a 4-bit or 8-bit base for training, with non-reentrant checkpointing."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                           gradient_checkpointing_kwargs=NON_REENTRANT_CHECKPOINTING)
+
+
 def shared_training_arguments(*, micro_batch_size, gradient_accumulation_steps, num_epochs, max_steps, learning_rate,
                               warmup_steps, dtype, gradient_checkpointing, logging_steps, save_steps, save_total_limit,
                               report_to, wandb_run_name, seed, validation=None, eval_steps=None) -> dict:
     """The TrainingArguments (or TRL config) fields that every stage sets the same way: precision from the
     hardware, checkpoints, logging, seeds, and torchrun on CPU or GPU. validation: None for a stage with
     no evaluation, else whether there are validation examples."""
-    from medlora import distributed
-
     on_gpu = torch.cuda.is_available()
     arguments = dict(
         per_device_train_batch_size=micro_batch_size,
@@ -162,8 +191,6 @@ def shared_training_arguments(*, micro_batch_size, gradient_accumulation_steps, 
 
 def resolve_resume_checkpoint(resume_from_checkpoint, output_dir):
     """--resume_from_checkpoint: True (the newest complete checkpoint in output_dir), a checkpoint folder, or None."""
-    from medlora.errors import MedLoRAError
-
     if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
         checkpoint = latest_complete_checkpoint(output_dir)
         if checkpoint is None:
@@ -177,8 +204,6 @@ def resolve_resume_checkpoint(resume_from_checkpoint, output_dir):
 def split_validation(items: list, val_set_size: float, seed: int, what: str = "records") -> tuple:
     """(train, validation), shuffled with seed; val_set_size is a count, or a fraction when below 1."""
     import random
-
-    from medlora.errors import MedLoRAError
 
     items = list(items)
     random.Random(seed).shuffle(items)
