@@ -21,7 +21,6 @@ chat.py, generate.py and evaluate.py load with --lora_weights and no other flag.
 
 import logging
 import time
-from pathlib import Path
 
 import fire
 from huggingface_hub import constants as hub_constants
@@ -30,20 +29,19 @@ from medlora import distributed
 from medlora.errors import MedLoRAError, exit_on_error
 from medlora.modeling import (
     choose_dtype,
+    continued_adapter_defaults,
     count_parameters,
     fit_embeddings_to_tokenizer,
     load_base_model,
     load_tokenizer,
+    lora_for_trl_trainer,
     resolve_base_model,
-    resolve_lora_targets,
-    trainable_parameters_to_fp32,
 )
 from medlora.preference import encode_pairs, load_preference_pairs, restore_fp32_adapter
 from medlora.preference_trainer import PreferenceTrainer
-from medlora.run_settings import load_run_settings
 from medlora.saving import save_trained_model
 from medlora.templates import PromptTemplate
-from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
+from medlora.tiny_model import PROJECT_ROOT
 from medlora.training import (
     MarkCompleteCheckpoints,
     gradient_accumulation_steps_for,
@@ -154,11 +152,7 @@ def train(
     beta = DEFAULT_BETA[loss] if beta is None else float(beta)
     gradient_accumulation_steps = gradient_accumulation_steps_for(batch_size, micro_batch_size)
     report_to = resolve_report_to(report_to, wandb_project)
-    if lora_weights and not Path(lora_weights, "adapter_config.json").is_file():
-        raise MedLoRAError(f"--lora_weights {lora_weights}: no adapter_config.json; is this an adapter folder?")
-    adapter_settings = load_run_settings(lora_weights) if lora_weights else {}
-    base_model = base_model or adapter_settings.get("base_model") or BUILTIN_TINY_MODEL
-    prompt_template_name = prompt_template_name or adapter_settings.get("prompt_template_name") or "alpaca"
+    base_model, prompt_template_name = continued_adapter_defaults(lora_weights, base_model, prompt_template_name)
     resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
 
     # ---- data: every pair validated and tokenized once (on rank 0), before any model is loaded -------------
@@ -181,7 +175,6 @@ def train(
     # ---- model ---------------------------------------------------------------------------------------------
     import transformers
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel
     from trl import DPOConfig
 
     transformers.set_seed(seed)
@@ -191,15 +184,8 @@ def train(
     fit_embeddings_to_tokenizer(model, tokenizer)
     if load_in_4bit or load_in_8bit:
         model = prepare_quantized_for_training(model, gradient_checkpointing)
-    peft_config = None
-    if lora_weights:
-        model = PeftModel.from_pretrained(model, lora_weights, is_trainable=True)
-        targets = sorted(model.peft_config["default"].target_modules)
-        trainable_parameters_to_fp32(model)
-    else:
-        targets = resolve_lora_targets(model, lora_target_modules)
-        peft_config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
-                                 bias="none", task_type="CAUSAL_LM")
+    model, peft_config, targets = lora_for_trl_trainer(model, lora_weights, lora_target_modules, lora_r, lora_alpha,
+                                                       lora_dropout)
 
     args = DPOConfig(
         output_dir=output_dir,

@@ -30,20 +30,20 @@ from medlora import distributed
 from medlora.errors import MedLoRAError, exit_on_error
 from medlora.modeling import (
     choose_dtype,
+    continued_adapter_defaults,
     count_parameters,
     fit_embeddings_to_tokenizer,
     load_base_model,
     load_tokenizer,
+    lora_for_trl_trainer,
     resolve_base_model,
-    resolve_lora_targets,
-    trainable_parameters_to_fp32,
 )
 from medlora.preference import load_reward_model, restore_fp32_adapter
 from medlora.rewards import PromptIdsGRPOTrainer, load_prompts, mean_greedy_reward, model_reward, rule_reward
 from medlora.run_settings import load_run_settings
 from medlora.saving import save_trained_model
 from medlora.templates import PromptTemplate
-from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
+from medlora.tiny_model import PROJECT_ROOT
 from medlora.tokenization import ConversationEncoder
 from medlora.training import (
     MarkCompleteCheckpoints,
@@ -159,14 +159,11 @@ def train(
     if temperature <= 0 or not 0 < top_p <= 1:
         raise MedLoRAError("--temperature must be > 0 and --top_p in (0, 1]: GRPO learns from sampled replies")
     report_to = resolve_report_to(report_to, wandb_project)
-    for flag, folder in (("--lora_weights", lora_weights), ("--reward_model", reward_model)):
-        if folder and not Path(folder, "adapter_config.json").is_file():
-            raise MedLoRAError(f"{flag} {folder}: no adapter_config.json; is this a folder MedLoRA wrote?")
+    base_model, prompt_template_name = continued_adapter_defaults(lora_weights, base_model, prompt_template_name)
+    if reward_model and not Path(reward_model, "adapter_config.json").is_file():
+        raise MedLoRAError(f"--reward_model {reward_model}: no adapter_config.json; is this a folder MedLoRA wrote?")
     if reward_model and load_run_settings(reward_model).get("stage") != "reward":
         raise MedLoRAError(f"--reward_model {reward_model}: not a reward model written by reward.py")
-    adapter_settings = load_run_settings(lora_weights) if lora_weights else {}
-    base_model = base_model or adapter_settings.get("base_model") or BUILTIN_TINY_MODEL
-    prompt_template_name = prompt_template_name or adapter_settings.get("prompt_template_name") or "alpaca"
     resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
 
     # ---- data: every prompt read and tokenized once (on rank 0), before any model is loaded ----------------
@@ -187,7 +184,6 @@ def train(
     # ---- models ----------------------------------------------------------------------------------------------
     import transformers
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel
     from trl import GRPOConfig
 
     transformers.set_seed(seed)
@@ -197,15 +193,8 @@ def train(
     fit_embeddings_to_tokenizer(model, tokenizer)
     if load_in_4bit or load_in_8bit:
         model = prepare_quantized_for_training(model, gradient_checkpointing)
-    peft_config = None
-    if lora_weights:
-        model = PeftModel.from_pretrained(model, lora_weights, is_trainable=True)
-        targets = sorted(model.peft_config["default"].target_modules)
-        trainable_parameters_to_fp32(model)
-    else:
-        targets = resolve_lora_targets(model, lora_target_modules)
-        peft_config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
-                                 bias="none", task_type="CAUSAL_LM")
+    model, peft_config, targets = lora_for_trl_trainer(model, lora_weights, lora_target_modules, lora_r, lora_alpha,
+                                                       lora_dropout)
     if reward_model:
         reward_function = model_reward(*load_reward_model(reward_model, load_in_4bit, load_in_8bit,
                                                           precision=precision, trust_remote_code=trust_remote_code),

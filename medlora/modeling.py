@@ -1,6 +1,7 @@
 """Loading base models and tokenizers, and configuring LoRA, the same way in every stage."""
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -192,8 +193,6 @@ def load_for_inference(base_model: str | None = None, lora_weights: str | None =
     base_model defaults to the one the adapter was trained on (from its medlora_run.json), and the
     tokenizer is the adapter's own copy when it has one (it may carry an added pad token).
     """
-    from pathlib import Path
-
     from medlora.run_settings import load_run_settings
 
     settings = load_run_settings(lora_weights) if lora_weights else {}
@@ -226,3 +225,29 @@ def trainable_parameters_to_fp32(model) -> None:
     for parameter in model.parameters():
         if parameter.requires_grad and parameter.dtype in (torch.float16, torch.bfloat16):
             parameter.data = parameter.data.float()
+
+
+def continued_adapter_defaults(lora_weights: str, base_model: str, prompt_template_name: str) -> tuple:
+    """(base model, template) for a stage that continues --lora_weights: the flags when given, else what
+    the adapter was trained with (its medlora_run.json), else the built-in tiny model and alpaca."""
+    from medlora.run_settings import load_run_settings
+
+    if lora_weights and not Path(lora_weights, "adapter_config.json").is_file():
+        raise MedLoRAError(f"--lora_weights {lora_weights}: no adapter_config.json; is this an adapter folder?")
+    trained_with = load_run_settings(lora_weights) if lora_weights else {}
+    return (base_model or trained_with.get("base_model") or BUILTIN_TINY_MODEL,
+            prompt_template_name or trained_with.get("prompt_template_name") or "alpaca")
+
+
+def lora_for_trl_trainer(model, lora_weights, lora_target_modules, lora_r, lora_alpha, lora_dropout) -> tuple:
+    """(model, peft_config, target modules) for a TRL trainer: --lora_weights loaded trainable (fp32), or a
+    fresh LoRA config that the trainer applies."""
+    from peft import LoraConfig, PeftModel
+
+    if lora_weights:
+        model = PeftModel.from_pretrained(model, lora_weights, is_trainable=True)
+        trainable_parameters_to_fp32(model)
+        return model, None, sorted(model.peft_config["default"].target_modules)
+    targets = resolve_lora_targets(model, lora_target_modules)
+    return model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                             bias="none", task_type="CAUSAL_LM"), targets
