@@ -42,9 +42,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             # d(loss)/d(logits) = softmax - onehot, so d(loss)/d(h) = (exps @ weight) / sums - weight[t]:
             # the division runs on the hidden-size product, not on the vocabulary-size softmax.
             if grad_weight is not None:
-                probs = exps.div_(sums)
-                grad_weight += probs.t() @ h.float()
-                grad_weight.index_add_(0, t, h.float(), alpha=-1)
+                probs, h32 = exps.div_(sums), h.float()
+                grad_weight += probs.t() @ h32
+                grad_weight.index_add_(0, t, h32, alpha=-1)
                 grad_h = probs.to(weight.dtype) @ weight
             else:
                 grad_h = (exps.to(weight.dtype) @ weight).float().div_(sums)
