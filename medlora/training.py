@@ -1,10 +1,12 @@
-"""Batches and the training loss.
+"""Batches, the training loss, checkpoints and the Trainer arguments every stage shares.
 
 Two collators build micro-batches from encoded examples:
   PaddedCollator  rows padded to the longest (a multiple of 8), with an attention_mask
   PackedCollator  all examples of the micro-batch in one row, no padding at all: position_ids restart
-                  at every example and no attention_mask is passed, which makes transformers build a
-                  block-diagonal causal mask, so attention stays inside each example
+                  at every example and no attention_mask is passed. The record boundaries go along
+                  (cu_seq_lens), so medlora_packed attention works record by record; other attention
+                  implementations get transformers' block-diagonal causal mask from the position_ids.
+                  Either way attention stays inside each example.
 
 The loss (`LabelOnlyLossTrainer`, with medlora/loss.py) runs the model's output layer only at
 positions that carry a label: prompt positions need no logits, which saves most of the output-layer
@@ -54,13 +56,13 @@ class PackedCollator:
             labels += [IGNORE_INDEX] + list(ex["labels"][1:])
             position_ids += range(length)
             boundaries.append(boundaries[-1] + length)
+        longest = max(len(ex["input_ids"]) for ex in examples)
         as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
         return {"input_ids": as_row(input_ids), "labels": as_row(labels), "position_ids": as_row(position_ids),
                 # Record boundaries, for attention implementations that work per record (medlora_packed, flash).
                 "cu_seq_lens_q": torch.tensor(boundaries, dtype=torch.int32),
                 "cu_seq_lens_k": torch.tensor(boundaries, dtype=torch.int32),
-                "max_length_q": max(len(ex["input_ids"]) for ex in examples),
-                "max_length_k": max(len(ex["input_ids"]) for ex in examples)}
+                "max_length_q": longest, "max_length_k": longest}
 
 
 def supports_packing(model) -> bool:
