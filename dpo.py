@@ -132,7 +132,7 @@ def train(
         precision: auto (bf16, else fp16 on GPUs; fp32 on CPU), fp32, bf16 or fp16.
         load_in_4bit: QLoRA: load the base in 4-bit NF4 with double quantization (bitsandbytes).
         load_in_8bit: Load the base in 8-bit (bitsandbytes).
-        gradient_checkpointing: Recompute activations in the backward pass (non-reentrant): less memory, ~30% slower.
+        gradient_checkpointing: Recompute activations in the backward pass (non-reentrant): less memory, slower (about one more forward pass per step).
         trust_remote_code: Run the model repository's own Python code (only for repositories you trust).
         logging_steps: Log the loss and reward metrics every this many optimizer steps.
         eval_steps: Evaluate on the validation pairs every this many optimizer steps.

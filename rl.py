@@ -138,7 +138,7 @@ def train(
         precision: auto (bf16, else fp16 on GPUs; fp32 on CPU), fp32, bf16 or fp16.
         load_in_4bit: QLoRA: load the policy's base in 4-bit NF4 (and the reward model's too).
         load_in_8bit: Load the policy's base (and the reward model's) in 8-bit.
-        gradient_checkpointing: Recompute activations in the backward pass (non-reentrant): less memory, ~30% slower.
+        gradient_checkpointing: Recompute activations in the backward pass (non-reentrant): less memory, slower (about one more forward pass per step).
         trust_remote_code: Run the model repository's own Python code (only for repositories you trust).
         logging_steps: Log the reward, reply length and loss every this many optimizer steps.
         save_steps: Write a resumable checkpoint every this many optimizer steps.
