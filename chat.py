@@ -2,6 +2,7 @@
 
     python chat.py --lora_weights ./lora-medlora
     python chat.py --lora_weights ./lora-medlora --prompt "What can I do about a tension headache?"   # one answer
+    python chat.py --lora_weights ./lora-medlora --prompt "..." --compare --temperature 0   # base vs tuned answer
     python chat.py --base_model meta-llama/Llama-3.1-8B --lora_weights ./lora-chatdoctor --load_4bit
     python chat.py --help                                          # every flag
 
@@ -11,11 +12,11 @@ Ctrl-C at the prompt quits. The oldest turns are dropped when the conversation o
 model's context. Model flags are generate.py's. Answers are not medical advice.
 """
 
+import contextlib
 import sys
 
-import fire
-
-from medlora.errors import MedLoRAError, exit_on_error
+from medlora import cli
+from medlora.errors import MedLoRAError
 from medlora.generation import DISCLAIMER, GenerationSettings
 
 USER_PROMPT = "You: "
@@ -25,7 +26,7 @@ HELP = "commands: /reset, /system <text>, /exit (or Ctrl-D); Ctrl-C stops an ans
 
 def main(
     # model (as in generate.py)
-    base_model: str = "",  # hub id, local folder or builtin:tiny-llama; default: the adapter's base model
+    base_model: str = "",  # hub id, local folder or builtin:NAME; default: the adapter's base, else builtin:smollm2-135m-instruct
     lora_weights: str = "",  # adapter folder (or hub id); empty: the base (or merged) model alone
     load_8bit: bool = False,
     load_4bit: bool = False,
@@ -42,6 +43,7 @@ def main(
     repetition_penalty: float = 1.1,
     system: str | None = None,  # system prompt; default: the template's
     prompt: str = "",  # answer this one question, print the answer and exit
+    compare: bool = False,  # with --prompt: answer with the base model (adapter disabled), then with the adapter
 ):
     """Chat with BASE_MODEL + LORA_WEIGHTS in the terminal (or answer --prompt once)."""
     settings = GenerationSettings(temperature, top_p, top_k, num_beams, max_new_tokens, repetition_penalty).validate()
@@ -56,6 +58,17 @@ def main(
                           trust_remote_code)
     print(f"model: {chat.describe()}", file=sys.stderr, flush=True)
 
+    if compare:
+        if not (prompt and lora_weights):
+            raise MedLoRAError("--compare needs --prompt and --lora_weights (the base answers with the adapter disabled)")
+        messages = [{"role": "user", "content": str(prompt)}]
+        print(f"question: {prompt}\n", flush=True)
+        for label, disabled in (("base model (adapter disabled)", True), ("tuned model", False)):
+            print(f"--- {label} ---", flush=True)
+            with chat.model.disable_adapter() if disabled else contextlib.nullcontext():
+                stream_answer(chat, messages, system, settings, "")
+            print(flush=True)
+        return None
     if prompt:
         answer, _ = stream_answer(chat, [{"role": "user", "content": str(prompt)}], system, settings, "")
         if not answer:
@@ -127,4 +140,4 @@ def stream_answer(chat, messages, system, settings, prefix) -> tuple:
 
 
 if __name__ == "__main__":
-    exit_on_error(lambda: fire.Fire(main))
+    cli.run(main)

@@ -22,13 +22,11 @@ chat.py, generate.py and evaluate.py load with --lora_weights and no other flag.
 import logging
 import time
 
-import fire
 from huggingface_hub import constants as hub_constants
 
-from medlora import distributed
-from medlora.errors import MedLoRAError, exit_on_error
+from medlora import cli, distributed
+from medlora.errors import MedLoRAError
 from medlora.modeling import (
-    choose_dtype,
     continued_adapter_defaults,
     count_parameters,
     fit_embeddings_to_tokenizer,
@@ -36,12 +34,13 @@ from medlora.modeling import (
     load_tokenizer,
     lora_for_trl_trainer,
     resolve_base_model,
+    resolve_precision,
 )
+from medlora.paths import DATA_DIR
 from medlora.preference import encode_pairs, load_preference_pairs, restore_fp32_adapter
 from medlora.preference_trainer import PreferenceTrainer
 from medlora.saving import save_trained_model
 from medlora.templates import PromptTemplate
-from medlora.tiny_model import PROJECT_ROOT
 from medlora.training import (
     MarkCompleteCheckpoints,
     gradient_accumulation_steps_for,
@@ -52,7 +51,7 @@ from medlora.training import (
     split_validation,
 )
 
-DEFAULT_DATA = str(PROJECT_ROOT / "data" / "preference")
+DEFAULT_DATA = str(DATA_DIR / "preference")
 LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "orpo": None, "simpo": None}  # our name -> TRL's DPOConfig loss_type
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
 hub_constants.HF_HUB_DISABLE_TELEMETRY = True  # TRL's trainers report usage to the Hub; MedLoRA sends nothing
@@ -107,7 +106,7 @@ def train(
     Returns the trainer when called from Python.
 
     Args:
-        base_model: Hub id or local folder of a causal LM. Default: the base of --lora_weights, else builtin:tiny-llama.
+        base_model: Hub id or local folder of a causal LM. Default: the base of --lora_weights, else builtin:smollm2-135m-instruct.
         lora_weights: The SFT adapter from finetune.py to continue (and, for DPO/IPO, the frozen reference); empty for a fresh LoRA.
         data_path: A .json/.jsonl/.csv/.parquet file of preference pairs, a folder of them, or a hub dataset name.
         output_dir: Where the adapter, tokenizer, medlora_run.json and checkpoints go.
@@ -129,7 +128,7 @@ def train(
         lora_alpha: LoRA scaling numerator of a fresh adapter.
         lora_dropout: Dropout on the LoRA input of a fresh adapter.
         lora_target_modules: Module names (comma-separated or a list), or all-linear, for a fresh adapter.
-        precision: auto (bf16, else fp16 on GPUs; fp32 on CPU), fp32, bf16 or fp16.
+        precision: auto (GPU: bf16, else fp16; CPU: bf16 autocast where it has AMX/AVX512-BF16, else fp32), fp32, bf16, bf16-mixed (bf16 autocast, fp32 weights) or fp16.
         load_in_4bit: QLoRA: load the base in 4-bit NF4 with double quantization (bitsandbytes).
         load_in_8bit: Load the base in 8-bit (bitsandbytes).
         gradient_checkpointing: Recompute activations in the backward pass (non-reentrant): less memory, slower (about one more forward pass per step).
@@ -178,7 +177,8 @@ def train(
     from trl import DPOConfig
 
     transformers.set_seed(seed)
-    dtype = choose_dtype(precision)
+    precision_plan = resolve_precision(precision)
+    dtype = precision_plan.weights
     tokenizer = load_tokenizer(lora_weights or model_path, trust_remote_code)
     model = load_base_model(model_path, dtype, load_in_4bit, load_in_8bit, trust_remote_code)
     fit_embeddings_to_tokenizer(model, tokenizer)
@@ -192,7 +192,8 @@ def train(
         **shared_training_arguments(
             micro_batch_size=micro_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
             num_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
-            dtype=dtype, gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps,
+            dtype=dtype, autocast_bf16=precision_plan.autocast_bf16,
+            gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps,
             save_steps=save_steps, save_total_limit=save_total_limit, report_to=report_to,
             wandb_run_name=wandb_run_name, seed=seed, validation=bool(val_pairs.examples), eval_steps=eval_steps),
         loss_type=LOSSES[loss] or "sigmoid",  # orpo and simpo replace the loss below
@@ -256,4 +257,4 @@ def print_data_summary(data_description, read, train_pairs, val_pairs, cutoff_le
 
 
 if __name__ == "__main__":
-    exit_on_error(lambda: fire.Fire(distributed.stage_command(train)))
+    cli.run(train)

@@ -6,11 +6,13 @@ formats) and on the perplexity of held-out chat data, side by side.
         --data_path medqa_test.jsonl --num_fewshot 3 --fewshot_path medqa_dev.jsonl --load_in_4bit \
         --perplexity_path held_out.json --output_file report.json
     python evaluate.py --lora_weights ./lora-medlora --method generate     # medAlpaca style: greedy reply, read the letter
+    python evaluate.py --lora_weights ./lora-medlora --method perplexity --compare   # its held-out replies, base vs tuned
     python evaluate.py --help                                              # every flag
 
 Question files are read and checked before any model loads. Scores: --method loglik gives acc and
 acc_norm (lm-evaluation-harness definitions); --method generate gives acc and the number of replies
-with no readable answer. See docs/evaluate.md. Scores on benchmarks are not evidence of clinical safety.
+with no readable answer; --method perplexity scores only the replies of held-out chat data (--perplexity_path,
+default: the adapter's own validation records). See docs/evaluate.md. Scores on benchmarks are not evidence of clinical safety.
 """
 
 import json
@@ -18,30 +20,30 @@ import os
 from contextlib import nullcontext
 from pathlib import Path
 
-import fire
+from medlora import cli
+from medlora.builtin_models import DEFAULT_BASE_MODEL, default_template_for
+from medlora.errors import MedLoRAError
+from medlora.paths import DATA_DIR
 
-from medlora.errors import MedLoRAError, exit_on_error
-from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
-
-DEFAULT_DATA = str(PROJECT_ROOT / "data" / "eval")
-METHODS = ("loglik", "generate")
+DEFAULT_DATA = str(DATA_DIR / "eval")
+METHODS = ("loglik", "generate", "perplexity")
 
 
 def main(
-    base_model: str = "",  # hub id or local folder (or a merged export); default: the adapter's base, else builtin:tiny-llama
+    base_model: str = "",  # hub id or local folder (or a merged export); default: the adapter's base, else builtin:smollm2-135m-instruct
     lora_weights: str = "",  # LoRA adapter folder; empty scores the base model alone
     data_path: str = DEFAULT_DATA,  # question file (.json/.jsonl), a folder of them, or "a.jsonl,b.jsonl"
-    method: str = "loglik",  # loglik (acc, acc_norm) or generate (greedy reply, letter extracted)
+    method: str = "loglik",  # loglik (acc, acc_norm), generate (greedy reply, letter extracted) or perplexity (replies only)
     num_fewshot: int = 0,  # solved examples before each question
     fewshot_path: str = "",  # question file to draw examples from; default: the same file, minus the question
-    limit: int = 0,  # score only the first N questions of each file (0: all)
+    limit: int = 0,  # score only the first N questions of each file, and N held-out records (0: all)
     batch_size: int = 8,  # sequences per forward pass
     prompt_template: str = "",  # default: the adapter's template (medlora_run.json), else alpaca
     output_file: str = "",  # JSON report with per-question predictions and option scores
     compare: bool = False,  # score the base (adapter disabled) and the adapter in one run
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
-    perplexity_path: str = "",  # held-out SFT data (any format finetune.py reads): perplexity of the replies
+    perplexity_path: str = "",  # held-out SFT data (any format finetune.py reads); --method perplexity: default, the adapter's validation records
     cutoff_len: int | None = None,  # perplexity truncation; default: the adapter's cutoff_len, else 256
     max_new_tokens: int = 32,  # --method generate: reply length
     seed: int = 42,  # few-shot example draw
@@ -56,7 +58,7 @@ def main(
 
     # ---- check flags and read every question before any model loads ------------------------------------------
     if method not in METHODS:
-        raise MedLoRAError(f"--method: unknown value {method!r}; use loglik or generate")
+        raise MedLoRAError(f"--method: unknown value {method!r}; use loglik, generate or perplexity")
     if compare and not lora_weights:
         raise MedLoRAError("--compare needs --lora_weights (the base is scored with the adapter disabled)")
     if batch_size < 1 or num_fewshot < 0 or limit < 0:
@@ -65,8 +67,9 @@ def main(
         raise MedLoRAError(f"--lora_weights {lora_weights}: no such adapter folder")  # (a hub id is fine)
     settings = load_run_settings(lora_weights) if lora_weights else (
         load_run_settings(base_model) if base_model and Path(base_model).is_dir() else {})
-    template = PromptTemplate.load(prompt_template or settings.get("prompt_template_name") or "alpaca")
-    files = [load_question_file(path) for path in question_files(data_path)]
+    template = PromptTemplate.load(prompt_template or settings.get("prompt_template_name") or default_template_for(
+        base_model or settings.get("base_model") or DEFAULT_BASE_MODEL))
+    files = [] if method == "perplexity" else [load_question_file(path) for path in question_files(data_path)]
     fewshot_pool = load_question_file(fewshot_path).questions if fewshot_path else None
     tasks = []
     for qfile in files:
@@ -74,12 +77,16 @@ def main(
         pool = fewshot_pool if fewshot_pool is not None else qfile.questions
         tasks.append((qfile, questions, pick_fewshot(questions, pool, num_fewshot, seed, fewshot_pool is None)))
     held_out = load_conversations(perplexity_path).conversations if perplexity_path else None
+    if method == "perplexity" and held_out is None:
+        held_out, perplexity_path = validation_records(settings, lora_weights)
+    if held_out is not None and limit:
+        held_out = held_out[:limit]
     cutoff_len = cutoff_len or settings.get("cutoff_len") or 256
 
     # ---- model ------------------------------------------------------------------------------------------------
     from medlora.modeling import load_for_inference
 
-    loaded = load_for_inference(base_model or (None if lora_weights else BUILTIN_TINY_MODEL), lora_weights or None,
+    loaded = load_for_inference(base_model or (None if lora_weights else DEFAULT_BASE_MODEL), lora_weights or None,
                                 load_in_4bit, load_in_8bit, trust_remote_code=trust_remote_code)
     evaluator = Evaluator(loaded.model, loaded.tokenizer, template, batch_size, max_new_tokens)
     if compare:
@@ -104,7 +111,7 @@ def main(
     print(summary_table(results, files, method, num_fewshot, perplexity_path))
     if output_file:
         report = {
-            "settings": {"base_model": base_model or settings.get("base_model") or BUILTIN_TINY_MODEL,
+            "settings": {"base_model": base_model or settings.get("base_model") or DEFAULT_BASE_MODEL,
                          "lora_weights": lora_weights, "prompt_template": template.name, "method": method,
                          "num_fewshot": num_fewshot, "fewshot_path": fewshot_path, "limit": limit, "seed": seed,
                          "load_in_4bit": load_in_4bit, "load_in_8bit": load_in_8bit,
@@ -114,6 +121,21 @@ def main(
         write_json_atomically(output_file, report)
         print(f"report: {output_file}")
     print("Benchmark scores say nothing about clinical safety; model outputs are not medical advice.")
+
+
+def validation_records(settings: dict, lora_weights: str) -> tuple:
+    """(records, description): the adapter's held-out validation records, split again from its training data
+    exactly as finetune.py split them (same file, --val_set_size and --seed)."""
+    from medlora.records import load_conversations
+    from medlora.training import split_validation
+
+    if not settings.get("val_set_size") or not settings.get("data_path"):
+        raise MedLoRAError(f"--method perplexity needs --perplexity_path: {lora_weights or 'the model'} has no "
+                           f"validation records (trained by MedLoRA with --val_set_size > 0)")
+    conversations = load_conversations(settings["data_path"], settings.get("field_map") or "",
+                                       settings.get("skip_bad_records", False)).conversations
+    _, held_out = split_validation(conversations, settings["val_set_size"], settings.get("seed", 42))
+    return held_out, f"validation records of {Path(lora_weights).name} ({settings['data_path']})"
 
 
 def write_json_atomically(path, data) -> None:
@@ -126,4 +148,4 @@ def write_json_atomically(path, data) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_error(lambda: fire.Fire(main))
+    cli.run(main)

@@ -17,9 +17,7 @@ with, noted in medlora_export.json). See docs/export.md.
 import gc
 import logging
 
-import fire
-
-from medlora.errors import exit_on_error
+from medlora import cli
 
 
 def main(
@@ -66,4 +64,4 @@ def main(
 
 
 if __name__ == "__main__":
-    exit_on_error(lambda: fire.Fire(main))
+    cli.run(main)

@@ -14,9 +14,7 @@ config. The merge is checked exactly as in export_hf_checkpoint.py. See docs/exp
 import json
 import logging
 
-import fire
-
-from medlora.errors import exit_on_error
+from medlora import cli
 
 
 def main(
@@ -80,4 +78,4 @@ def main(
 
 
 if __name__ == "__main__":
-    exit_on_error(lambda: fire.Fire(main))
+    cli.run(main)

@@ -1,6 +1,6 @@
 """Fine-tune a causal LM into a medical chat assistant with LoRA or QLoRA.
 
-    python finetune.py                                    # offline: built-in tiny model, bundled data
+    python finetune.py                                    # offline: built-in SmolLM2-135M-Instruct, bundled data
     python finetune.py --base_model meta-llama/Llama-3.1-8B --data_path ../shared/datasets/chatdoctor/genmedgpt_5k.json \
         --output_dir ./lora-chatdoctor --prompt_template_name chatdoctor --load_in_4bit
     torchrun --nproc_per_node=4 finetune.py --base_model ... --data_path ... --output_dir ...
@@ -12,15 +12,15 @@ the adapter (adapter_config.json, adapter_model.safetensors), the tokenizer and 
 """
 
 import logging
+import math
 import time
 from collections import namedtuple
+from pathlib import Path
 
-import fire
-
-from medlora import distributed
-from medlora.errors import MedLoRAError, exit_on_error
+from medlora import cli, distributed
+from medlora.builtin_models import DEFAULT_BASE_MODEL, default_template_for
+from medlora.errors import MedLoRAError
 from medlora.modeling import (
-    choose_dtype,
     count_parameters,
     fit_embeddings_to_tokenizer,
     load_base_model,
@@ -28,47 +28,53 @@ from medlora.modeling import (
     resolve_base_model,
     resolve_lora_targets,
     resolve_modules_to_save,
+    resolve_precision,
     trainable_parameters_to_fp32,
 )
 from medlora.packed_attention import PACKED_ATTENTION, use_packed_attention
+from medlora.paths import DATA_DIR
 from medlora.records import load_conversations
-from medlora.saving import save_trained_model
+from medlora.saving import refuse_finished_run, save_trained_model
 from medlora.templates import PromptTemplate
-from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
 from medlora.tokenization import ConversationEncoder
 from medlora.training import (
     LabelOnlyLossTrainer,
     PackedCollator,
     PaddedCollator,
+    check_numeric_flags,
     gradient_accumulation_steps_for,
+    optimizer_steps,
     prepare_quantized_for_training,
     resolve_report_to,
     resolve_resume_checkpoint,
+    resolve_warmup,
     shared_training_arguments,
     split_validation,
     supports_packing,
 )
 
-DEFAULT_DATA = str(PROJECT_ROOT / "data" / "sft")
+DEFAULT_DATA = str(DATA_DIR / "sft")
 FinetuneResult = namedtuple("FinetuneResult", "model tokenizer trainer train_report")
 logger = logging.getLogger("finetune")
 
 
 def train(
     # model and data
-    base_model: str = BUILTIN_TINY_MODEL,
+    base_model: str = DEFAULT_BASE_MODEL,
     data_path: str = DEFAULT_DATA,
     output_dir: str = "./lora-medlora",
     field_map: str = "",
-    prompt_template_name: str = "alpaca",
+    skip_bad_records: bool = False,
+    prompt_template_name: str = "",
     # training hyperparameters
-    batch_size: int = 128,
+    batch_size: int = 32,
     micro_batch_size: int = 4,
     num_epochs: int = 3,
     max_steps: int = -1,
     learning_rate: float = 3e-4,
-    warmup_steps: int = 100,
-    cutoff_len: int = 256,
+    warmup_ratio: float = 0.05,
+    warmup_steps: int | None = None,
+    cutoff_len: int = 512,
     val_set_size: float = 0.05,
     seed: int = 42,
     # lora hyperparameters
@@ -103,6 +109,7 @@ def train(
     wandb_watch: str = "",
     wandb_log_model: str = "",
     resume_from_checkpoint: str | bool | None = None,
+    overwrite_output_dir: bool = False,
     list_templates: bool = False,
 ):
     """Fine-tune BASE_MODEL on DATA_PATH with LoRA and save the adapter to OUTPUT_DIR.
@@ -110,17 +117,19 @@ def train(
     Returns a FinetuneResult (model, tokenizer, trainer, data report) when called from Python.
 
     Args:
-        base_model: Hub id or local folder of a causal LM. The default, builtin:tiny-llama, is a toy model built offline.
+        base_model: Hub id, local folder, or built-in: builtin:smollm2-135m-instruct (the default: SmolLM2-135M-Instruct, 135M parameters, Apache-2.0, real weights) or builtin:tiny-llama (1.5M-parameter random toy for tests); see docs/models.md.
         data_path: A .json/.jsonl/.csv/.parquet file, a folder of them, or a hub dataset name.
         output_dir: Where the adapter, tokenizer, medlora_run.json and checkpoints go.
         field_map: JSON mapping our field names to your columns, e.g. '{"input": "question", "output": "answer"}'.
-        prompt_template_name: A template in templates/ (see --list_templates), or a path to a template .json.
-        batch_size: Examples per optimizer step, all processes together.
+        skip_bad_records: Drop invalid records (counted by reason in the summary) instead of stopping with a list of them.
+        prompt_template_name: A template in templates/ (see --list_templates) or a template .json; default: a built-in model's own (chat for SmolLM2), else alpaca.
+        batch_size: Examples per optimizer step, all processes together (alpaca-lora used 128 for 52k records; 32 gives the bundled data 48 optimizer steps in 3 epochs).
         micro_batch_size: Examples per forward pass on one device; accumulation makes up the rest.
         num_epochs: Passes over the training records.
         max_steps: If > 0, stop after this many optimizer steps (overrides num_epochs).
         learning_rate: Peak learning rate (linear warmup, then linear decay).
-        warmup_steps: Optimizer steps of linear warmup.
+        warmup_ratio: Fraction of the optimizer steps spent in linear warmup.
+        warmup_steps: Optimizer steps of linear warmup, 0 for none; when given it overrides warmup_ratio.
         cutoff_len: Maximum tokens per record; longer records are truncated (and dropped if no reply token is left).
         val_set_size: Records held out for validation: a count, or a fraction when below 1; 0 for none.
         seed: Seed for the split, the shuffling, LoRA initialisation and dropout.
@@ -137,7 +146,7 @@ def train(
         add_eos_token: End every reply with EOS so that the tuned model learns to stop.
         group_by_length: Draw batches of similar length (less padding when --packing is off).
         packing: Padding-free batches (records of a micro-batch in one row, no pad token). Default: on where the architecture supports it.
-        precision: auto (bf16, else fp16 on GPUs; fp32 on CPU), fp32, bf16 or fp16.
+        precision: auto (GPU: bf16, else fp16; CPU: bf16 autocast where it has AMX/AVX512-BF16, else fp32), fp32, bf16, bf16-mixed (bf16 autocast, fp32 weights) or fp16.
         load_in_4bit: QLoRA: load the base in 4-bit NF4 with double quantization (bitsandbytes).
         load_in_8bit: Load the base in 8-bit (bitsandbytes).
         gradient_checkpointing: Recompute activations in the backward pass (non-reentrant): less memory, slower (about one more forward pass per step).
@@ -153,6 +162,7 @@ def train(
         wandb_watch: Weights & Biases model watching: false, gradients or all.
         wandb_log_model: Upload checkpoints to Weights & Biases: false or true.
         resume_from_checkpoint: A checkpoint folder to resume from, or True for the latest in output_dir.
+        overwrite_output_dir: Train into an output_dir that already holds a finished run (refused otherwise, unless resuming).
         list_templates: Print the available templates and exit.
     """
     if list_templates:
@@ -165,14 +175,21 @@ def train(
     settings = dict(locals())
     world_size, is_main = distributed.world_size(), distributed.is_main_process()
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
+    check_numeric_flags(batch_size=batch_size, micro_batch_size=micro_batch_size, num_epochs=num_epochs,
+                        max_steps=max_steps, learning_rate=learning_rate, cutoff_len=cutoff_len,
+                        val_set_size=val_set_size, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                        logging_steps=logging_steps, eval_steps=eval_steps, save_steps=save_steps,
+                        warmup_ratio=warmup_ratio, warmup_steps=warmup_steps)
     gradient_accumulation_steps = gradient_accumulation_steps_for(batch_size, micro_batch_size)
     report_to = resolve_report_to(report_to, wandb_project, wandb_watch, wandb_log_model)
     resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
+    if not (resume_from_checkpoint or overwrite_output_dir):
+        refuse_finished_run(output_dir)
 
     # ---- data: every record validated and tokenized once (on rank 0), before any model is loaded ----------
     def prepare_data():
-        template = PromptTemplate.load(prompt_template_name)
-        loaded = load_conversations(data_path, field_map)
+        template = PromptTemplate.load(prompt_template_name or default_template_for(base_model))
+        loaded = load_conversations(data_path, field_map, skip_bad_records)
         conversations = loaded.conversations
         train_conversations, val_conversations = split_validation(conversations, val_set_size, seed, "records")
         model_path = resolve_base_model(base_model)
@@ -182,17 +199,17 @@ def train(
         if not train_report.examples:
             raise MedLoRAError(f"{data_path}: no training record has a trained token left after truncation at "
                                f"--cutoff_len {cutoff_len}")
-        return template, loaded.describe(), len(conversations), train_report, val_report, model_path
+        return template, loaded, train_report, val_report, model_path
 
-    template, data_description, records_read, train_report, val_report, model_path = (
-        distributed.run_once_and_share(prepare_data))
+    template, loaded, train_report, val_report, model_path = distributed.run_once_and_share(prepare_data)
 
     # ---- model ---------------------------------------------------------------------------------------------
     import torch
     import transformers
 
     transformers.set_seed(seed)
-    dtype = choose_dtype(precision)
+    precision_plan = resolve_precision(precision)
+    dtype = precision_plan.weights
     tokenizer = load_tokenizer(model_path, trust_remote_code)
     # Full fine-tuning in fp16 keeps fp32 weights under autocast: fp16 trainable parameters underflow.
     load_dtype = torch.float32 if (not use_lora and dtype == torch.float16) else dtype
@@ -227,16 +244,18 @@ def train(
     trainable, total = count_parameters(model)
 
     if is_main:
-        print_data_summary(data_description, records_read, train_report, val_report, cutoff_len, trainable, total,
-                           template)
+        print_data_summary(loaded, train_report, val_report, cutoff_len, trainable, total, template)
 
+    total_steps = optimizer_steps(len(train_report.examples), batch_size, num_epochs, max_steps)
+    warmup = resolve_warmup(warmup_steps, warmup_ratio, total_steps)
     as_dicts = lambda report: [{"input_ids": e.input_ids, "labels": e.labels} for e in report.examples]  # noqa: E731
     args = transformers.TrainingArguments(
         output_dir=output_dir,
         **shared_training_arguments(
             micro_batch_size=micro_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
-            num_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
-            dtype=dtype, gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps,
+            num_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, warmup_steps=warmup,
+            dtype=dtype, autocast_bf16=precision_plan.autocast_bf16,
+            gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps,
             save_steps=save_steps, save_total_limit=save_total_limit, report_to=report_to,
             wandb_run_name=wandb_run_name, seed=seed, validation=bool(val_report.examples), eval_steps=eval_steps),
         neftune_noise_alpha=neftune_noise_alpha,
@@ -253,10 +272,19 @@ def train(
     )
     model.config.use_cache = False
     if is_main:
-        print(f"training: {world_size} process(es), {trainer.accelerator.distributed_type.value}, "
-              f"{str(dtype).replace('torch.', '')}, {'packed' if packing else 'padded'} batches, {attention} attention, "
+        processes = "1 process" if world_size == 1 else f"{world_size} processes (data parallel)"
+        print(f"training: {processes}, {total_steps} optimizer steps, precision {precision_plan.describe()}, "
+              f"{'packed' if packing else 'padded'} batches, {attention} attention, "
               f"{gradient_accumulation_steps} accumulation step(s)", flush=True)
+    validation = bool(val_report.examples)
+    # Step 0: every run shows where it started (train() starts a new log, so the entry is put back after it).
+    start = trainer.evaluate() if validation and not resume_from_checkpoint else None
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    if start:
+        trainer.state.log_history.insert(0, {**start, "epoch": 0.0, "step": 0})
+    if validation and not any(entry.get("step") == result.global_step and "eval_loss" in entry
+                              for entry in trainer.state.log_history):
+        trainer.evaluate()  # the end point, when the last step was not an evaluation step
 
     # ---- save ----------------------------------------------------------------------------------------------
     if attention == PACKED_ATTENTION:  # a training-time choice; saved configs keep the stock implementation
@@ -264,21 +292,36 @@ def train(
     if trainer.is_world_process_zero():
         settings.update(base_model=base_model, resolved_base_model=model_path, prompt_template_name=template.name,
                         lora_target_modules=targets, packing=packing, dtype=str(dtype).replace("torch.", ""),
-                        world_size=world_size, gradient_accumulation_steps=gradient_accumulation_steps)
+                        world_size=world_size, gradient_accumulation_steps=gradient_accumulation_steps,
+                        autocast_bf16=precision_plan.autocast_bf16,
+                        # absolute, so that evaluate.py can split the validation records again from anywhere
+                        data_path=str(Path(data_path).resolve()) if Path(data_path).exists() else data_path)
         save_trained_model(model, tokenizer, output_dir, settings, trainer.state.log_history)
         elapsed = time.time() - started
         tokens = train_report.trained_tokens * result.metrics.get("epoch", num_epochs)
         print(f"done in {elapsed:.0f}s: {result.global_step} steps, final training loss {result.training_loss:.4f}, "
               f"~{tokens / max(result.metrics['train_runtime'], 1e-9):.0f} trained tokens/s; adapter in {output_dir}")
+        print(validation_change(trainer.state.log_history))
     return FinetuneResult(model, tokenizer, trainer, train_report)
 
 
-def print_data_summary(data_description, read, train_report, val_report, cutoff_len, trainable, total, template):
-    dropped = train_report.dropped + val_report.dropped
+def validation_change(log_history) -> str:
+    """First and last validation loss and perplexity of the run (step 0 is the untuned start)."""
+    evals = [entry for entry in log_history if "eval_loss" in entry]
+    if not evals:
+        return "validation: none (--val_set_size 0)"
+    first, last = evals[0], evals[-1]
+    return (f"validation loss {first['eval_loss']:.4f} (step {first['step']}) -> {last['eval_loss']:.4f} "
+            f"(step {last['step']}); perplexity {math.exp(first['eval_loss']):.2f} -> {math.exp(last['eval_loss']):.2f}")
+
+
+def print_data_summary(loaded, train_report, val_report, cutoff_len, trainable, total, template):
+    dropped = loaded.skipped + train_report.dropped + val_report.dropped
     used = len(train_report.examples) + len(val_report.examples)
+    read = len(loaded.conversations) + sum(loaded.skipped.values())
     pct = train_report.percentiles()
     lines = [
-        f"data: {data_description}",
+        f"data: {loaded.describe()}",
         f"records: {read} read, {used} used ({len(train_report.examples)} train, {len(val_report.examples)} validation), "
         f"{sum(dropped.values())} dropped" + "".join(f"; {n} dropped: {reason}" for reason, n in dropped.items()),
         f"template: {template.name}",
@@ -291,4 +334,4 @@ def print_data_summary(data_description, read, train_report, val_report, cutoff_
 
 
 if __name__ == "__main__":
-    exit_on_error(lambda: fire.Fire(distributed.stage_command(train)))
+    cli.run(train)

@@ -14,9 +14,8 @@ shared unless asked. Answers are not medical advice. Flags keep alpaca-lora's na
 import sys
 import time
 
-import fire
-
-from medlora.errors import MedLoRAError, exit_on_error
+from medlora import cli
+from medlora.errors import MedLoRAError
 from medlora.generation import DISCLAIMER, GenerationSettings
 
 UI_TEMPERATURE = 0.7
@@ -24,7 +23,7 @@ UI_TEMPERATURE = 0.7
 
 def main(
     # model
-    base_model: str = "",  # hub id, local folder or builtin:tiny-llama; default: the adapter's base model
+    base_model: str = "",  # hub id, local folder or builtin:NAME; default: the adapter's base, else builtin:smollm2-135m-instruct
     lora_weights: str = "",  # adapter folder (or hub id); empty: the base (or merged) model alone
     load_8bit: bool = False,
     load_4bit: bool = False,
@@ -109,4 +108,4 @@ def main(
 
 
 if __name__ == "__main__":
-    exit_on_error(lambda: fire.Fire(main))
+    cli.run(main)

@@ -1,6 +1,6 @@
 """Continued pretraining (PT) of a causal LM on plain medical text, with LoRA, QLoRA or full weights.
 
-    python pretrain.py                                    # offline: built-in tiny model, data/pretrain/
+    python pretrain.py                                    # offline: built-in SmolLM2-135M-Instruct, data/pretrain/
     python pretrain.py --base_model Qwen/Qwen2.5-1.5B --data_path ../shared/datasets/medicalgpt/pretrain_fever_zh.txt \
         --output_dir ./pt-fever --block_size 1024 --load_in_4bit
     python pretrain.py --use_lora False --base_model ... --output_dir ./pt-full   # update every weight
@@ -19,23 +19,22 @@ import logging
 import math
 import time
 
-import fire
-
-from medlora import distributed
-from medlora.errors import MedLoRAError, exit_on_error
+from medlora import cli, distributed
+from medlora.builtin_models import DEFAULT_BASE_MODEL
+from medlora.errors import MedLoRAError
 from medlora.modeling import (
-    choose_dtype,
     count_parameters,
     fit_embeddings_to_tokenizer,
     load_base_model,
     load_tokenizer,
     resolve_base_model,
     resolve_lora_targets,
+    resolve_precision,
     trainable_parameters_to_fp32,
 )
+from medlora.paths import DATA_DIR
 from medlora.pretraining import group_into_blocks, load_documents, tokenize_documents
 from medlora.saving import save_trained_model
-from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
 from medlora.training import (
     LabelOnlyLossTrainer,
     PaddedCollator,
@@ -47,13 +46,13 @@ from medlora.training import (
     split_validation,
 )
 
-DEFAULT_DATA = str(PROJECT_ROOT / "data" / "pretrain")
+DEFAULT_DATA = str(DATA_DIR / "pretrain")
 logger = logging.getLogger("pretrain")
 
 
 def pretrain(
     # model and data
-    base_model: str = BUILTIN_TINY_MODEL,
+    base_model: str = DEFAULT_BASE_MODEL,
     data_path: str = DEFAULT_DATA,
     output_dir: str = "./pt-medlora",
     text_field: str = "text",
@@ -92,7 +91,7 @@ def pretrain(
     """Continue pretraining BASE_MODEL on the plain text in DATA_PATH and save the result to OUTPUT_DIR.
 
     Args:
-        base_model: Hub id or local folder of a causal LM. The default, builtin:tiny-llama, is a toy model built offline.
+        base_model: Hub id or local folder of a causal LM. The default is the built-in SmolLM2-135M-Instruct (builtin:tiny-llama: a random toy for tests).
         data_path: A .txt file (one document a line), a .jsonl/.json file of {"text": ...} records, or a folder of them.
         output_dir: Where the adapter (or full model), tokenizer, medlora_run.json and checkpoints go.
         text_field: The field that holds the document in .jsonl/.json records.
@@ -110,7 +109,7 @@ def pretrain(
         lora_alpha: LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).
         lora_dropout: Dropout on the LoRA input.
         lora_target_modules: Module names (comma-separated or a list), or all-linear; default: the architecture's usual attention projections.
-        precision: auto (bf16, else fp16 on GPUs; fp32 on CPU), fp32, bf16 or fp16.
+        precision: auto (GPU: bf16, else fp16; CPU: bf16 autocast where it has AMX/AVX512-BF16, else fp32), fp32, bf16, bf16-mixed (bf16 autocast, fp32 weights) or fp16.
         load_in_4bit: QLoRA: load the base in 4-bit NF4 with double quantization (bitsandbytes); needs --use_lora.
         load_in_8bit: Load the base in 8-bit (bitsandbytes); needs --use_lora.
         gradient_checkpointing: Recompute activations in the backward pass (non-reentrant): less memory, slower (about one more forward pass per step).
@@ -159,7 +158,8 @@ def pretrain(
     import transformers
 
     transformers.set_seed(seed)
-    dtype = choose_dtype(precision)
+    precision_plan = resolve_precision(precision)
+    dtype = precision_plan.weights
     tokenizer = load_tokenizer(model_path, trust_remote_code)
     # Full training in fp16 keeps fp32 weights under autocast: fp16 trainable parameters underflow.
     load_dtype = torch.float32 if (not use_lora and dtype == torch.float16) else dtype
@@ -192,7 +192,8 @@ def pretrain(
         **shared_training_arguments(
             micro_batch_size=micro_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
             num_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
-            dtype=dtype, gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps,
+            dtype=dtype, autocast_bf16=precision_plan.autocast_bf16,
+            gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps,
             save_steps=save_steps, save_total_limit=save_total_limit, report_to=report_to,
             wandb_run_name=wandb_run_name, seed=seed, validation=bool(val_blocks.blocks), eval_steps=eval_steps),
         remove_unused_columns=False,
@@ -233,4 +234,4 @@ def perplexity(trainer) -> float:
 
 
 if __name__ == "__main__":
-    exit_on_error(lambda: fire.Fire(distributed.stage_command(pretrain)))
+    cli.run(pretrain)

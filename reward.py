@@ -19,26 +19,26 @@ tokenizer, medlora_run.json) is what `rl.py --reward_model OUTPUT_DIR` loads.
 import logging
 import time
 
-import fire
 import torch
 from huggingface_hub import constants as hub_constants
 
-from medlora import distributed
-from medlora.errors import MedLoRAError, exit_on_error
+from medlora import cli, distributed
+from medlora.builtin_models import DEFAULT_BASE_MODEL, default_template_for
+from medlora.errors import MedLoRAError
 from medlora.modeling import (
-    choose_dtype,
     count_parameters,
     fit_embeddings_to_tokenizer,
     load_base_model,
     load_tokenizer,
     resolve_base_model,
     resolve_lora_targets,
+    resolve_precision,
     trainable_parameters_to_fp32,
 )
+from medlora.paths import DATA_DIR
 from medlora.preference import encode_pairs, load_preference_pairs
 from medlora.saving import save_trained_model
 from medlora.templates import PromptTemplate
-from medlora.tiny_model import BUILTIN_TINY_MODEL, PROJECT_ROOT
 from medlora.training import (
     MarkCompleteCheckpoints,
     gradient_accumulation_steps_for,
@@ -49,7 +49,7 @@ from medlora.training import (
     split_validation,
 )
 
-DEFAULT_DATA = str(PROJECT_ROOT / "data" / "preference")
+DEFAULT_DATA = str(DATA_DIR / "preference")
 SCORE_HEAD_NAMES = ("score", "classifier")  # what transformers calls the head of *ForSequenceClassification
 hub_constants.HF_HUB_DISABLE_TELEMETRY = True  # TRL's trainers report usage to the Hub; MedLoRA sends nothing
 logger = logging.getLogger("reward")
@@ -57,11 +57,11 @@ logger = logging.getLogger("reward")
 
 def train(
     # model and data
-    base_model: str = BUILTIN_TINY_MODEL,
+    base_model: str = DEFAULT_BASE_MODEL,
     data_path: str = DEFAULT_DATA,
     output_dir: str = "./rm-medlora",
     field_map: str = "",
-    prompt_template_name: str = "alpaca",
+    prompt_template_name: str = "",
     # training hyperparameters
     batch_size: int = 16,
     micro_batch_size: int = 4,
@@ -98,11 +98,11 @@ def train(
     Returns the trainer when called from Python.
 
     Args:
-        base_model: Hub id or local folder of a causal LM (often the merged SFT model). The default, builtin:tiny-llama, is a toy model built offline.
+        base_model: Hub id or local folder of a causal LM (often the merged SFT model). The default is the built-in SmolLM2-135M-Instruct (builtin:tiny-llama: a random toy for tests).
         data_path: A .json/.jsonl/.csv/.parquet file of preference pairs, a folder of them, or a hub dataset name.
         output_dir: Where the reward adapter (with its score head), tokenizer, medlora_run.json and checkpoints go.
         field_map: JSON mapping our field names to your columns, e.g. '{"prompt": "question", "chosen": "good"}'.
-        prompt_template_name: A template in templates/, or a path to a template .json; use the policy's template.
+        prompt_template_name: A template in templates/, or a path to a template .json; use the policy's template. Default: a built-in model's own, else alpaca.
         batch_size: Pairs per optimizer step, all processes together.
         micro_batch_size: Pairs per forward pass on one device; accumulation makes up the rest.
         num_epochs: Passes over the training pairs.
@@ -116,7 +116,7 @@ def train(
         lora_alpha: LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).
         lora_dropout: Dropout on the LoRA input.
         lora_target_modules: Module names (comma-separated or a list), or all-linear; default: the architecture's usual attention projections.
-        precision: auto (bf16, else fp16 on GPUs; fp32 on CPU), fp32, bf16 or fp16.
+        precision: auto (GPU: bf16, else fp16; CPU: bf16 autocast where it has AMX/AVX512-BF16, else fp32), fp32, bf16, bf16-mixed (bf16 autocast, fp32 weights) or fp16.
         load_in_4bit: QLoRA: load the base in 4-bit NF4 with double quantization (bitsandbytes).
         load_in_8bit: Load the base in 8-bit (bitsandbytes).
         gradient_checkpointing: Recompute activations in the backward pass (non-reentrant): less memory, slower (about one more forward pass per step).
@@ -140,7 +140,7 @@ def train(
 
     # ---- data: every pair validated and tokenized once (on rank 0), before any model is loaded -------------
     def prepare_data():
-        template = PromptTemplate.load(prompt_template_name)
+        template = PromptTemplate.load(prompt_template_name or default_template_for(base_model))
         loaded = load_preference_pairs(data_path, field_map)
         pairs = loaded.pairs
         training_pairs, held_out_pairs = split_validation(pairs, val_set_size, seed, "pairs")
@@ -164,7 +164,8 @@ def train(
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
     transformers.set_seed(seed)  # the score head starts random
-    dtype = choose_dtype(precision)
+    precision_plan = resolve_precision(precision)
+    dtype = precision_plan.weights
     tokenizer = load_tokenizer(model_path, trust_remote_code)
     with suppress_seqcls_warning():  # "lm_head unused, score head new" is expected here, not worth a warning
         model = load_base_model(model_path, dtype, load_in_4bit, load_in_8bit, trust_remote_code,
@@ -207,7 +208,8 @@ def train(
         **shared_training_arguments(
             micro_batch_size=micro_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
             num_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
-            dtype=dtype, gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps,
+            dtype=dtype, autocast_bf16=precision_plan.autocast_bf16,
+            gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps,
             save_steps=save_steps, save_total_limit=save_total_limit, report_to=report_to,
             wandb_run_name=wandb_run_name, seed=seed, validation=val_dataset is not None, eval_steps=eval_steps),
         max_length=None,  # pairs are already cut at --cutoff_len
@@ -238,4 +240,4 @@ def train(
 
 
 if __name__ == "__main__":
-    exit_on_error(lambda: fire.Fire(distributed.stage_command(train)))
+    cli.run(train)

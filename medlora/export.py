@@ -56,7 +56,7 @@ def resolve_inputs(base_model: str, lora_weights: str) -> ExportInputs:
     adapter = Path(str(lora_weights)).expanduser()
     if not (adapter / "adapter_config.json").is_file():
         raise MedLoRAError(f"--lora_weights {lora_weights}: no adapter_config.json there; give the adapter folder "
-                           "that finetune.py wrote (download a hub adapter first: huggingface-cli download "
+                           "that finetune.py wrote (download a hub adapter first: hf download "
                            "OWNER/NAME --local-dir ./NAME)")
     settings = load_run_settings(adapter)
     if not base_model:

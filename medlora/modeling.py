@@ -1,38 +1,80 @@
 """Loading base models and tokenizers, and configuring LoRA, the same way in every stage."""
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from medlora import distributed
+from medlora.builtin_models import (
+    DEFAULT_BASE_MODEL,
+    builtin_model,
+    default_template_for,
+    is_builtin,
+)
 from medlora.errors import MedLoRAError
-from medlora.tiny_model import BUILTIN_TINY_MODEL, ensure_tiny_model
 
 logger = logging.getLogger(__name__)
 
 
 def resolve_base_model(base_model: str) -> str:
-    """A hub id or local folder as given; the built-in tiny model is built on first use."""
+    """A hub id or local folder as given; a built-in model is built into the cache on first use."""
     if not base_model:
         raise MedLoRAError("--base_model is empty; give a hub id (e.g. meta-llama/Llama-3.1-8B) or a local folder")
-    if base_model == BUILTIN_TINY_MODEL:
-        return str(ensure_tiny_model())
+    if is_builtin(base_model):
+        return str(builtin_model(base_model).build())
     return base_model
 
 
 # ---- devices and precision ---------------------------------------------------------------------------------
-def choose_dtype(precision: str = "auto") -> torch.dtype:
-    """auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (no fast bf16 on most CPUs)."""
+FAST_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+@dataclass(frozen=True)
+class Precision:
+    weights: torch.dtype  # what the base model is loaded in
+    autocast_bf16: bool  # bf16 autocast over fp32 weights (trainable parameters stay fp32)
+    reason: str
+
+    def describe(self) -> str:
+        name = "bf16 autocast, fp32 weights" if self.autocast_bf16 else str(self.weights).replace("torch.", "")
+        return f"{name} ({self.reason})"
+
+
+def cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            return next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def resolve_precision(precision: str = "auto") -> Precision:
+    """auto: bf16 on GPUs that support it, fp16 on older GPUs; on CPU, bf16 autocast where the CPU has AMX or
+    AVX512-BF16 (several times fp32's matmul speed), else fp32 (bf16 is emulated, far slower, elsewhere).
+    bf16-mixed asks for the autocast path anywhere; bf16/fp16 load the weights in that type."""
     named = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
              "fp16": torch.float16, "float16": torch.float16}
+    if precision == "bf16-mixed":
+        return Precision(torch.float32, True, "asked for")
     if precision != "auto":
         if precision not in named:
-            raise MedLoRAError(f"--precision: unknown value {precision!r}; use auto, fp32, bf16 or fp16")
-        return named[precision]
+            raise MedLoRAError(f"--precision: unknown value {precision!r}; use auto, fp32, bf16, bf16-mixed or fp16")
+        return Precision(named[precision], False, "asked for")
     if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+        if torch.cuda.is_bf16_supported():
+            return Precision(torch.bfloat16, False, "GPU supports bf16")
+        return Precision(torch.float16, False, "GPU lacks bf16")
+    fast = sorted(FAST_BF16_CPU_FLAGS & cpu_flags())
+    if fast:
+        return Precision(torch.float32, True, f"CPU has {' and '.join(fast)}")
+    return Precision(torch.float32, False, "CPU has no AMX or AVX512-BF16, where bf16 would be slower than fp32")
+
+
+def choose_dtype(precision: str = "auto") -> torch.dtype:
+    """The dtype to load a model in for --precision (fp32 under CPU autocast)."""
+    return resolve_precision(precision).weights
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------------------
@@ -190,8 +232,8 @@ def load_for_inference(base_model: str | None = None, lora_weights: str | None =
                        trust_remote_code=False) -> InferenceModel:
     """Load a base model with an optional LoRA adapter for generation or evaluation.
 
-    base_model defaults to the one the adapter was trained on (from its medlora_run.json), and the
-    tokenizer is the adapter's own copy when it has one (it may carry an added pad token).
+    base_model defaults to the one the adapter was trained on (from its medlora_run.json), else the
+    default built-in model; the tokenizer is the adapter's own copy when it has one (it may carry an added pad token).
     """
     from medlora.run_settings import load_run_settings
 
@@ -200,12 +242,13 @@ def load_for_inference(base_model: str | None = None, lora_weights: str | None =
         if Path(str(lora_weights)).exists():
             raise MedLoRAError(f"{lora_weights}: no adapter_config.json; is this a LoRA adapter folder?")
     base_model = base_model or settings.get("base_model")
-    if not base_model:
+    if not base_model and lora_weights:
         from peft import PeftConfig
 
-        base_model = PeftConfig.from_pretrained(lora_weights).base_model_name_or_path if lora_weights else None
-    if not base_model:
-        raise MedLoRAError("--base_model is needed (no adapter given, or the adapter does not name its base)")
+        base_model = PeftConfig.from_pretrained(lora_weights).base_model_name_or_path
+        if not base_model:
+            raise MedLoRAError(f"{lora_weights}: the adapter does not name its base model; pass --base_model")
+    base_model = base_model or DEFAULT_BASE_MODEL
     model_path = resolve_base_model(base_model)
     has_own_tokenizer = lora_weights and (Path(str(lora_weights)) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(lora_weights) if has_own_tokenizer else model_path, trust_remote_code)
@@ -216,7 +259,9 @@ def load_for_inference(base_model: str | None = None, lora_weights: str | None =
 
         model = PeftModel.from_pretrained(model, str(lora_weights))
     model.eval()
-    return InferenceModel(model, tokenizer, settings.get("prompt_template_name"), settings)
+    template_name = settings.get("prompt_template_name") or (default_template_for(base_model) if is_builtin(base_model)
+                                                             else None)
+    return InferenceModel(model, tokenizer, template_name, settings)
 
 
 def trainable_parameters_to_fp32(model) -> None:
@@ -229,14 +274,14 @@ def trainable_parameters_to_fp32(model) -> None:
 
 def continued_adapter_defaults(lora_weights: str, base_model: str, prompt_template_name: str) -> tuple:
     """(base model, template) for a stage that continues --lora_weights: the flags when given, else what
-    the adapter was trained with (its medlora_run.json), else the built-in tiny model and alpaca."""
+    the adapter was trained with (its medlora_run.json), else the default base model and its template."""
     from medlora.run_settings import load_run_settings
 
     if lora_weights and not Path(lora_weights, "adapter_config.json").is_file():
         raise MedLoRAError(f"--lora_weights {lora_weights}: no adapter_config.json; is this an adapter folder?")
     trained_with = load_run_settings(lora_weights) if lora_weights else {}
-    return (base_model or trained_with.get("base_model") or BUILTIN_TINY_MODEL,
-            prompt_template_name or trained_with.get("prompt_template_name") or "alpaca")
+    base_model = base_model or trained_with.get("base_model") or DEFAULT_BASE_MODEL
+    return base_model, prompt_template_name or trained_with.get("prompt_template_name") or default_template_for(base_model)
 
 
 def lora_for_trl_trainer(model, lora_weights, lora_target_modules, lora_r, lora_alpha, lora_dropout) -> tuple:

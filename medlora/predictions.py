@@ -14,7 +14,13 @@ from pathlib import Path
 
 from medlora.errors import MedLoRAError
 from medlora.generation import ChatModel, GenerationSettings, final_text
-from medlora.records import SUPPORTED_SUFFIXES, detect_format, read_file_records, rename_fields, to_conversation
+from medlora.records import (
+    SUPPORTED_SUFFIXES,
+    detect_format,
+    read_file_records,
+    rename_fields,
+    to_conversation,
+)
 
 
 @dataclass

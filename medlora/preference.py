@@ -21,7 +21,7 @@ from medlora.records import (
     MESSAGE_ROLES,
     SHAREGPT_ROLES,
     _text,
-    read_sources,
+    validate_records,
 )
 from medlora.templates import Conversation
 
@@ -45,6 +45,7 @@ class PreferencePair:
 class LoadedPreferences:
     pairs: list
     formats: dict = field(default_factory=dict)  # source -> (format, record count)
+    skipped: Counter = field(default_factory=Counter)  # --skip_bad_records: reason -> records dropped
 
     def describe(self) -> str:
         return "; ".join(f"{source}: {fmt}, {count} pairs" for source, (fmt, count) in self.formats.items())
@@ -63,14 +64,11 @@ class EncodedPairs:
 
 
 # ---- reading and validation ------------------------------------------------------------------------------
-def load_preference_pairs(data_path, field_map=None) -> LoadedPreferences:
-    """Read and validate every record of a file, a folder of files or a hub dataset."""
+def load_preference_pairs(data_path, field_map=None, skip_bad_records=False) -> LoadedPreferences:
+    """Read and validate every record of a file, a folder of files or a hub dataset (records.validate_records)."""
     loaded = LoadedPreferences([])
-    for source, records in read_sources(data_path, field_map):
-        fmt = detect_preference_format(records[0][1], source, records[0][0])
-        for number, record in records:
-            loaded.pairs.append(to_preference_pair(record, fmt, f"{source}: record {number}"))
-        loaded.formats[source] = (fmt, len(records))
+    loaded.pairs, loaded.formats, loaded.skipped = validate_records(
+        data_path, field_map, detect_preference_format, to_preference_pair, skip_bad_records)
     return loaded
 
 

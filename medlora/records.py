@@ -1,16 +1,18 @@
 """Reading training data: files, folders or hub datasets; format detection; validation of every record.
 
-Formats, detected per file from the first record's fields (after --field_map):
+Formats, detected per file from the first valid record's fields (after --field_map):
   alpaca    {"instruction", "input"?, "output", "history"?, "system"?}
   sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value"}], "system"?}
   messages  {"messages": [{"role": "system"|"user"|"assistant", "content"}]}   (OpenAI style)
 
-Every problem is a MedLoRAError naming the file, the record and the field. Nothing is dropped here:
-a record is either valid or the run stops.
+Every problem names the file, the record and the field. Every record is checked before the run
+stops, so one run lists all the bad ones; with --skip_bad_records they are dropped instead, and
+counted by reason in the data summary. Nothing is dropped silently.
 """
 
 import csv
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +25,14 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 MESSAGE_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
 
 
+MAX_PROBLEMS_SHOWN = 20
+
+
 @dataclass
 class LoadedData:
     conversations: list
     formats: dict = field(default_factory=dict)  # source name -> (format, record count)
+    skipped: Counter = field(default_factory=Counter)  # --skip_bad_records: reason -> records dropped
 
     def describe(self) -> str:
         return "; ".join(f"{source}: {fmt}, {count} records" for source, (fmt, count) in self.formats.items())
@@ -46,21 +52,47 @@ def parse_field_map(field_map) -> dict:
     return dict(field_map)
 
 
-def load_conversations(data_path, field_map=None) -> LoadedData:
+def load_conversations(data_path, field_map=None, skip_bad_records=False) -> LoadedData:
     """Read and validate every record of a file, a folder of files or a hub dataset."""
     loaded = LoadedData([])
-    for source, records in read_sources(data_path, field_map):
-        fmt = detect_format(records[0][1], source, records[0][0])
-        for number, record in records:
-            loaded.conversations.append(to_conversation(record, fmt, f"{source}: record {number}"))
-        loaded.formats[source] = (fmt, len(records))
+    loaded.conversations, loaded.formats, loaded.skipped = validate_records(
+        data_path, field_map, detect_format, to_conversation, skip_bad_records)
     return loaded
 
 
-def read_sources(data_path, field_map=None) -> list:
-    """[(source name, [(record number, record with --field_map applied)])] for a file, a folder of files
-    or a hub dataset; an empty source is an error."""
+def validate_records(data_path, field_map, detect, convert, skip_bad_records=False) -> tuple:
+    """(items, {source: (format, records)}, Counter of skipped reasons): every record of every source is
+    checked, so that one run reports all the bad ones (the first MAX_PROBLEMS_SHOWN of them, and how many
+    more), and nothing is trained. With skip_bad_records they are dropped instead, and counted by reason."""
     field_map = parse_field_map(field_map)
+    items, formats, problems = [], {}, []
+    for source, records in read_sources(data_path):
+        fmt = None
+        for number, raw in records:
+            try:
+                record = rename_fields(raw, field_map, source, number)
+                fmt = fmt or detect(record, source, number)
+                items.append(convert(record, fmt, f"{source}: record {number}"))
+            except MedLoRAError as problem:
+                problems.append(str(problem))
+        formats[source] = (fmt or "unknown", len(records))
+    if len(problems) == 1 and not skip_bad_records:
+        raise MedLoRAError(problems[0])
+    if problems and not skip_bad_records:
+        shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
+        more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
+        raise MedLoRAError(f"{data_path}: {len(problems)} bad record{'s' if len(problems) > 1 else ''} (nothing was "
+                           f"written; --skip_bad_records drops them and trains on the rest):\n  {shown}{more}")
+    if not items:
+        raise MedLoRAError(f"{data_path}: every record is bad; the first: {problems[0]}")
+    # The reason without its place ("file: record 7: field 'output': empty" -> "field 'output': empty").
+    skipped = Counter(problem.split(": ", 2)[-1] for problem in problems)
+    return items, formats, skipped
+
+
+def read_sources(data_path) -> list:
+    """[(source name, [(record number, record)])] for a file, a folder of files or a hub dataset; an empty
+    source is an error."""
     path = Path(str(data_path)).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in SUPPORTED_SUFFIXES and p.is_file())
@@ -73,12 +105,10 @@ def read_sources(data_path, field_map=None) -> list:
         raise MedLoRAError(f"{data_path}: no such file or folder")
     else:
         sources = [(str(data_path), read_hub_records(str(data_path)))]
-    renamed = []
     for source, records in sources:
         if not records:
             raise MedLoRAError(f"{source}: no records (empty file)")
-        renamed.append((source, [(n, rename_fields(record, field_map, source, n)) for n, record in records]))
-    return renamed
+    return sources
 
 
 # ---- reading -----------------------------------------------------------------------------------------

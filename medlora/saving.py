@@ -29,6 +29,18 @@ def save_trained_model(model, tokenizer, output_dir, settings: dict, log_history
     staging.rmdir()
 
 
+def refuse_finished_run(output_dir) -> None:
+    """Stop before any work when output_dir already holds a finished run (its adapter or model and
+    medlora_run.json): training into it would replace that run's weights."""
+    from medlora.errors import MedLoRAError
+    from medlora.run_settings import RUN_SETTINGS_FILE
+
+    folder = Path(output_dir)
+    if (folder / RUN_SETTINGS_FILE).is_file() and list(folder.glob("*.safetensors")):
+        raise MedLoRAError(f"--output_dir {output_dir} already holds a finished run; pass --overwrite_output_dir to "
+                           f"replace it, --resume_from_checkpoint True to continue it, or choose another folder")
+
+
 def check_weights_not_empty(folder: Path) -> None:
     from safetensors import safe_open
 

@@ -10,14 +10,12 @@ import hashlib
 import io
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from medlora.paths import DATA_DIR, TEMPLATES_DIR, build_once, cache_root
 
 BUILTIN_TINY_MODEL = "builtin:tiny-llama"
 RECIPE_VERSION = 1
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TRAINING_TEXT_FILES = ["medical_chat_en.json", "medical_multiturn.jsonl", "medical_chat_zh.jsonl"]
 # Every width is a multiple of 64: bitsandbytes' CPU 4-bit inference kernels need that.
 MODEL_SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -30,10 +28,6 @@ CHAT_TEMPLATE = (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MEDLORA_CACHE", Path.home() / ".cache" / "medlora")).expanduser()
 
 
 def training_texts(data_dir: Path) -> list:
@@ -58,7 +52,7 @@ def training_texts(data_dir: Path) -> list:
                     collect(json.loads(line))
         else:
             collect(json.loads(text))
-    for template in sorted((PROJECT_ROOT / "templates").glob("*.json")):
+    for template in sorted(TEMPLATES_DIR.glob("*.json")):
         collect(json.loads(template.read_text(encoding="utf-8")))
     return texts
 
@@ -72,25 +66,11 @@ def recipe_fingerprint(data_dir: Path) -> str:
 
 def ensure_tiny_model(data_dir: Path | None = None) -> Path:
     """Path of the built-in tiny model, building it first if it is not in the cache."""
-    data_dir = Path(data_dir or PROJECT_ROOT / "data" / "sft")
+    data_dir = Path(data_dir or DATA_DIR / "sft")
     target = cache_root() / f"tiny-llama-{recipe_fingerprint(data_dir)}"
-    if (target / "config.json").is_file():
-        logger.info("built-in tiny model: %s", target)
-        return target
-    logger.info("building the built-in tiny model (once) into %s", target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a temporary folder and rename, so an interrupted build never looks finished.
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
-        build_tiny_model(staging, data_dir)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    if not (target / "config.json").is_file():
+        logger.info("building the built-in tiny model (once) into %s", target)
+    return build_once(target, lambda folder: build_tiny_model(folder, data_dir))
 
 
 def build_tiny_model(output_dir: Path, data_dir: Path) -> None:

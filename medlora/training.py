@@ -15,6 +15,8 @@ so that every token weighs the same whatever the micro-batch size, accumulation 
 """
 
 import inspect
+import logging
+import math
 import os
 
 import torch
@@ -24,6 +26,8 @@ from medlora import distributed
 from medlora.errors import MedLoRAError
 from medlora.loss import label_only_loss
 from medlora.tokenization import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
 
 
 class PaddedCollator:
@@ -122,6 +126,26 @@ def latest_complete_checkpoint(output_dir) -> str | None:
 NON_REENTRANT_CHECKPOINTING = {"use_reentrant": False}  # reentrant checkpointing loses LoRA gradients
 
 
+def check_numeric_flags(**flags) -> None:
+    """Refuse, before any work, a numeric flag outside its range: positive counts and rates, a run that
+    has steps, a validation size that is a count or a fraction. Flags not given (None) are not checked."""
+    positive = ("batch_size", "micro_batch_size", "cutoff_len", "learning_rate", "lora_r", "lora_alpha", "block_size",
+                "logging_steps", "eval_steps", "save_steps")
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if name in positive and not value > 0:
+            raise MedLoRAError(f"--{name} must be > 0; got {value}")
+        if name == "val_set_size" and value < 0:
+            raise MedLoRAError(f"--val_set_size must be >= 0 (a count, or a fraction below 1); got {value}")
+        if name in ("lora_dropout", "warmup_ratio") and not 0 <= value < 1:
+            raise MedLoRAError(f"--{name} must be in [0, 1); got {value}")
+        if name == "warmup_steps" and value < 0:
+            raise MedLoRAError(f"--warmup_steps must be >= 0; got {value}")
+    if flags.get("num_epochs") is not None and flags.get("max_steps", -1) <= 0 and not flags["num_epochs"] > 0:
+        raise MedLoRAError(f"--num_epochs must be > 0 unless --max_steps is; got {flags['num_epochs']}")
+
+
 def gradient_accumulation_steps_for(batch_size: int, micro_batch_size: int) -> int:
     """--batch_size examples per optimizer step, made of --micro_batch_size on every torchrun process."""
     per_pass = micro_batch_size * distributed.world_size()
@@ -153,10 +177,12 @@ def prepare_quantized_for_training(model, gradient_checkpointing: bool):
 
 def shared_training_arguments(*, micro_batch_size, gradient_accumulation_steps, num_epochs, max_steps, learning_rate,
                               warmup_steps, dtype, gradient_checkpointing, logging_steps, save_steps, save_total_limit,
-                              report_to, wandb_run_name, seed, validation=None, eval_steps=None) -> dict:
+                              report_to, wandb_run_name, seed, validation=None, eval_steps=None,
+                              autocast_bf16=False) -> dict:
     """The TrainingArguments (or TRL config) fields that every stage sets the same way: precision from the
     hardware, checkpoints, logging, seeds, and torchrun on CPU or GPU. validation: None for a stage with
-    no evaluation, else whether there are validation examples."""
+    no evaluation, else whether there are validation examples. autocast_bf16: bf16 autocast over fp32 weights
+    (CPUs with AMX/AVX512-BF16). warmup_steps: a count, or a fraction of the run when below 1."""
     on_gpu = torch.cuda.is_available()
     arguments = dict(
         per_device_train_batch_size=micro_batch_size,
@@ -165,7 +191,7 @@ def shared_training_arguments(*, micro_batch_size, gradient_accumulation_steps, 
         max_steps=max_steps,
         learning_rate=learning_rate,
         warmup_steps=warmup_steps,
-        bf16=on_gpu and dtype == torch.bfloat16,
+        bf16=(on_gpu and dtype == torch.bfloat16) or autocast_bf16,
         fp16=on_gpu and dtype == torch.float16,
         # transformers 5's names (gradient_checkpointing* are deprecated aliases); set explicitly, they also
         # override TRL configs' default of checkpointing on
@@ -189,6 +215,25 @@ def shared_training_arguments(*, micro_batch_size, gradient_accumulation_steps, 
         arguments.update(per_device_eval_batch_size=micro_batch_size, eval_strategy="steps" if validation else "no",
                          eval_steps=eval_steps)
     return arguments
+
+
+def resolve_warmup(warmup_steps: int | None, warmup_ratio: float, total_steps: int) -> int | float:
+    """The warmup for TrainingArguments: --warmup_steps when given (0: none), else --warmup_ratio of the run.
+    Warns when warmup would take most of the run: the learning rate would then never reach its peak."""
+    if (warmup_steps is not None and warmup_steps < 0) or not 0 <= warmup_ratio < 1:
+        raise MedLoRAError(f"--warmup_steps must be >= 0 and --warmup_ratio in [0, 1); got {warmup_steps}, {warmup_ratio}")
+    if warmup_steps is not None:
+        warmup_steps = int(warmup_steps)
+    steps = warmup_steps if warmup_steps is not None else math.ceil(warmup_ratio * total_steps)
+    if total_steps and steps > total_steps / 2:
+        logger.warning("warning: warmup takes %d of %d optimizer steps: the learning rate reaches its peak only "
+                       "after most of the run; lower --warmup_steps or use --warmup_ratio", steps, total_steps)
+    return warmup_steps if warmup_steps is not None else warmup_ratio
+
+
+def optimizer_steps(train_examples: int, batch_size: int, num_epochs: float, max_steps: int) -> int:
+    """Optimizer steps of a run (what the learning-rate schedule spans)."""
+    return max_steps if max_steps > 0 else math.ceil(math.ceil(train_examples / batch_size) * num_epochs)
 
 
 def resolve_resume_checkpoint(resume_from_checkpoint, output_dir):

@@ -12,6 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 SAMPLE_SFT = ROOT / "data" / "sft"
+# The base model every test names explicitly: the stages default to builtin:smollm2-135m-instruct, a real
+# 135M model that is far too slow for the suite; this 1.5M-parameter random toy exercises the same code.
+TINY = "builtin:tiny-llama"
 
 # Every test, and every script a test starts, uses one private cache for the tiny model.
 os.environ.setdefault("MEDLORA_CACHE", tempfile.mkdtemp(prefix="medlora-test-cache-"))
@@ -55,7 +58,7 @@ def tiny_tokenizer(tiny_model_path):
 def tiny_adapter(tmp_path_factory, tiny_model_path) -> Path:
     """An adapter trained for a few steps by the real finetune.py on the bundled data (alpaca template)."""
     output_dir = tmp_path_factory.mktemp("adapter") / "lora"
-    run_script("finetune.py", "--output_dir", output_dir, "--max_steps", 6, "--batch_size", 8,
+    run_script("finetune.py", "--base_model", TINY, "--output_dir", output_dir, "--max_steps", 6, "--batch_size", 8,
                "--micro_batch_size", 4, "--val_set_size", 0, "--warmup_steps", 0, "--learning_rate", 1e-2,
                "--lora_target_modules", "all-linear", "--cutoff_len", 128, "--save_steps", 1000)
     return output_dir

@@ -15,7 +15,7 @@ from medlora.questions import Question, conversation, load_question_file, pick_f
 from medlora.records import load_conversations
 from medlora.templates import PromptTemplate
 from medlora.tokenization import ConversationEncoder
-from tests.conftest import ROOT, SAMPLE_SFT, run_script
+from tests.conftest import ROOT, SAMPLE_SFT, TINY, run_script
 
 EVAL_DATA = ROOT / "data" / "eval"
 MEDQA = EVAL_DATA / "medqa_style_sample.jsonl"
@@ -139,7 +139,8 @@ def test_unreadable_question_files(tmp_path, content, message):
 def test_bad_input_exits_with_one_line_and_writes_no_report(tmp_path):
     bad = write(tmp_path / "bad.jsonl", [GOOD_MEDMCQA, {**GOOD_MEDMCQA, "cop": 0}])
     report = tmp_path / "report.json"
-    result = run_script("evaluate.py", "--data_path", bad, "--output_file", report, check=False)
+    result = run_script("evaluate.py", "--base_model", TINY, "--data_path", bad, "--output_file", report,
+                        check=False)
     assert result.returncode == 2
     expected = (f"error: {bad}: record 2: field 'cop': expected 1-4 (1-based, 1 = opa, as in MedMCQA's files), "
                 "got 0; 0-based exports need 1 added")
@@ -304,7 +305,7 @@ def test_compare_end_to_end(tiny_adapter, tmp_path):
     assert header.split() == ["base", "adapter"]
     assert "medqa_style_sample.jsonl (medqa, 26 questions, loglik, 0-shot)" in result.stdout
     report = json.loads(report_path.read_text())
-    assert report["settings"]["prompt_template"] == "alpaca" and report["settings"]["base_model"] == "builtin:tiny-llama"
+    assert report["settings"]["prompt_template"] == "alpaca" and report["settings"]["base_model"] == TINY
     tasks = {name: report["results"][name]["tasks"]["data/eval/medqa_style_sample.jsonl"] for name in ("base", "adapter")}
     for name, task in tasks.items():
         check_report_consistency(task)

@@ -16,7 +16,7 @@ from medlora.errors import MedLoRAError
 from medlora.export import (check_logits, check_output_dir, merge_adapter, meta_ffn_hidden_dim, meta_ffn_sizing,
                             meta_params, meta_state_dict, resolve_inputs, staged_output)
 from medlora.run_settings import save_run_settings
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, TINY, run_script
 
 PROMPT = "A 54-year-old man has chest pain on exertion that eases with rest. What should be checked first?"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -107,8 +107,8 @@ def hf_export(tmp_path_factory, tiny_adapter):
 def qlora_adapter(tmp_path_factory):
     """An adapter trained for 2 steps on the 4-bit tiny model by the real finetune.py (QLoRA on CPU)."""
     output_dir = tmp_path_factory.mktemp("qlora") / "lora"
-    run_script("finetune.py", "--output_dir", output_dir, "--max_steps", 2, "--batch_size", 4, "--micro_batch_size", 4,
-               "--val_set_size", 0, "--warmup_steps", 0, "--learning_rate", 1e-2, "--cutoff_len", 128,
+    run_script("finetune.py", "--base_model", TINY, "--output_dir", output_dir, "--max_steps", 2, "--batch_size", 4,
+               "--micro_batch_size", 4, "--val_set_size", 0, "--warmup_steps", 0, "--learning_rate", 1e-2, "--cutoff_len", 128,
                "--lora_target_modules", "all-linear", "--save_steps", 1000, "--load_in_4bit")
     return output_dir
 
@@ -129,7 +129,7 @@ def test_hf_export_of_tiny_llama_equals_base_plus_adapter(hf_export, tiny_adapte
     for file_name in ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.model"):
         assert (output_dir / file_name).is_file(), file_name
     note = json.loads((output_dir / "medlora_export.json").read_text())
-    assert note["base_model"] == "builtin:tiny-llama" and note["dtype"] == "float32"
+    assert note["base_model"] == TINY and note["dtype"] == "float32"
     assert note["lora_weights"] == str(tiny_adapter.resolve()) and note["merged_into"] == "base"
     assert note["prompt_template_name"] == "alpaca" and note["max_logit_difference"] <= note["logit_tolerance"]
 

@@ -13,13 +13,13 @@ import finetune
 from medlora.modeling import load_for_inference
 from medlora.packed_attention import use_packed_attention
 from medlora.tiny_model import build_tiny_model
-from tests.conftest import SAMPLE_SFT, run_script
+from tests.conftest import SAMPLE_SFT, TINY, run_script
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_path):
     output_dir = tmp_path_factory.mktemp("finetune") / "out"
-    result = finetune.train(output_dir=str(output_dir), max_steps=12, batch_size=8, micro_batch_size=4,
+    result = finetune.train(base_model=TINY, output_dir=str(output_dir), max_steps=12, batch_size=8, micro_batch_size=4,
                             learning_rate=3e-3, warmup_steps=0, logging_steps=1, val_set_size=16, eval_steps=6,
                             lora_target_modules="all-linear", cutoff_len=192, save_steps=1000)
     return output_dir, result
@@ -41,7 +41,7 @@ def test_output_folder_holds_a_loadable_non_empty_adapter(trained):
         keys = list(saved.keys())
     assert keys and all("lora_" in key for key in keys)
     settings = json.loads((output_dir / "medlora_run.json").read_text())
-    assert settings["prompt_template_name"] == "alpaca" and settings["base_model"] == "builtin:tiny-llama"
+    assert settings["prompt_template_name"] == "alpaca" and settings["base_model"] == TINY
     assert settings["cutoff_len"] == 192 and settings["packing"] is True
 
 
@@ -95,7 +95,7 @@ def test_bad_data_fails_in_one_line_and_writes_nothing(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"instruction": "Q", "output": "A"}\n{"instruction": "Q", "output": ""}\n')
     output_dir = tmp_path / "out"
-    result = run_script("finetune.py", "--data_path", data, "--output_dir", output_dir, check=False)
+    result = run_script("finetune.py", "--base_model", TINY, "--data_path", data, "--output_dir", output_dir, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: {data}: record 2: field 'output': empty"
     assert not output_dir.exists()
@@ -109,7 +109,7 @@ def test_bad_data_fails_in_one_line_and_writes_nothing(tmp_path):
 ])
 def test_bad_flags_fail_before_training(tmp_path, flags, message):
     output_dir = tmp_path / "out"
-    result = run_script("finetune.py", "--output_dir", output_dir, *flags, check=False)
+    result = run_script("finetune.py", "--base_model", TINY, "--output_dir", output_dir, *flags, check=False)
     assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
     assert not output_dir.exists()
 

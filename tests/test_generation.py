@@ -23,7 +23,7 @@ from medlora.generation import ChatModel, GenerationSettings, StopStrings
 from medlora.predictions import read_prediction_records
 from medlora.templates import Conversation, PromptTemplate
 from medlora.tokenization import IGNORE_INDEX
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, TINY, run_script
 
 QUESTION = [{"role": "user", "content": "I have a headache and a fever. What should I do?"}]
 GREEDY = GenerationSettings(temperature=0, max_new_tokens=24)
@@ -35,7 +35,7 @@ VARIED_GREEDY = GenerationSettings(temperature=0, max_new_tokens=16, repetition_
 def base_inference(tiny_model_path):
     from medlora.modeling import load_for_inference
 
-    return load_for_inference("builtin:tiny-llama")
+    return load_for_inference(TINY)
 
 
 @pytest.fixture(scope="module")
@@ -284,13 +284,13 @@ def test_batch_mode_writes_one_line_per_record(tiny_adapter, adapter_chat, tmp_p
 def test_batch_mode_bad_input_writes_nothing(tmp_path):
     data = write_jsonl(tmp_path / "questions.jsonl", [{"instruction": "What is a fever?"}, {"instruction": 3}])
     predictions = tmp_path / "predictions.jsonl"
-    result = run_script("generate.py", "--base_model", "builtin:tiny-llama", "--data_file", data,
+    result = run_script("generate.py", "--base_model", TINY, "--data_file", data,
                         "--predictions_file", predictions, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == \
         f"error: {data}: record 2: field 'instruction': expected a string, got int"
     assert not predictions.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["questions.jsonl"]
-    result = run_script("generate.py", "--data_file", data, check=False)
+    result = run_script("generate.py", "--base_model", TINY, "--data_file", data, check=False)
     assert result.returncode == 2 and "needs both --data_file and --predictions_file" in result.stderr
 
 

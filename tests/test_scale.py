@@ -20,7 +20,7 @@ from medlora.records import load_conversations
 from medlora.templates import PromptTemplate
 from medlora.tokenization import ConversationEncoder
 from medlora.training import CHECKPOINT_COMPLETE, PackedCollator, PaddedCollator, label_only_loss, supports_packing
-from tests.conftest import ROOT, SAMPLE_SFT, run_script
+from tests.conftest import ROOT, SAMPLE_SFT, TINY, run_script
 
 QUICK = dict(batch_size=4, micro_batch_size=2, val_set_size=0, warmup_steps=0, logging_steps=1, cutoff_len=96,
              save_steps=1000, learning_rate=1e-2)
@@ -44,7 +44,7 @@ def test_qlora_trains_on_quantized_weights(tmp_path, bits):
     import bitsandbytes as bnb
 
     flag = {"load_in_4bit": True} if bits == 4 else {"load_in_8bit": True}
-    result = finetune.train(output_dir=str(tmp_path / "q"), max_steps=2, **QUICK, **flag)
+    result = finetune.train(base_model=TINY, output_dir=str(tmp_path / "q"), max_steps=2, **QUICK, **flag)
     quantized = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
     base = result.model.get_base_model()
     assert isinstance(base.model.layers[0].self_attn.q_proj.base_layer, quantized)
@@ -54,8 +54,8 @@ def test_qlora_trains_on_quantized_weights(tmp_path, bits):
 
 
 def test_torchrun_two_processes_matches_one_process(tmp_path):
-    flags = ["--max_steps", 3, "--batch_size", 8, "--micro_batch_size", 2, "--val_set_size", 0, "--logging_steps", 1,
-             "--cutoff_len", 128, "--warmup_steps", 0, "--learning_rate", 1e-2, "--lora_dropout", 0,
+    flags = ["--base_model", TINY, "--max_steps", 3, "--batch_size", 8, "--micro_batch_size", 2, "--val_set_size", 0,
+             "--logging_steps", 1, "--cutoff_len", 128, "--warmup_steps", 0, "--learning_rate", 1e-2, "--lora_dropout", 0,
              "--save_steps", 1000]
     run_script("finetune.py", "--output_dir", tmp_path / "one", *flags)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
@@ -73,7 +73,8 @@ def test_torchrun_two_processes_matches_one_process(tmp_path):
 
 def test_torchrun_batch_size_must_divide(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
-                "finetune.py", "--output_dir", str(tmp_path / "x"), "--batch_size", "6", "--micro_batch_size", "2"]
+                "finetune.py", "--base_model", TINY, "--output_dir", str(tmp_path / "x"), "--batch_size", "6",
+                "--micro_batch_size", "2"]
     result = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "--batch_size 6 must be a multiple of --micro_batch_size 2 x 2 processes" in result.stderr
@@ -85,7 +86,7 @@ def test_torchrun_bad_record_stops_every_process_with_the_error(tmp_path):
     data = tmp_path / "bad.json"
     data.write_text(json.dumps([{"instruction": "Fever?", "output": "Rest."}, {"instruction": "", "output": "x"}]))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
-                "finetune.py", "--output_dir", str(tmp_path / "out"), "--data_path", str(data),
+                "finetune.py", "--base_model", TINY, "--output_dir", str(tmp_path / "out"), "--data_path", str(data),
                 "--batch_size", "4", "--micro_batch_size", "2"]
     result = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
@@ -97,8 +98,9 @@ def test_torchrun_bad_record_stops_every_process_with_the_error(tmp_path):
 
 
 def test_resume_after_sigkill_ends_with_the_same_adapter(tmp_path):
-    flags = ["--max_steps", 6, "--save_steps", 2, "--batch_size", 4, "--micro_batch_size", 2, "--val_set_size", 0,
-             "--cutoff_len", 96, "--warmup_steps", 2, "--learning_rate", 1e-2, "--save_total_limit", 5]
+    flags = ["--base_model", TINY, "--max_steps", 6, "--save_steps", 2, "--batch_size", 4, "--micro_batch_size", 2,
+             "--val_set_size", 0, "--cutoff_len", 96, "--warmup_steps", 2, "--learning_rate", 1e-2,
+             "--save_total_limit", 5]
     run_script("finetune.py", "--output_dir", tmp_path / "straight", *flags)
 
     killed = tmp_path / "killed"
@@ -176,8 +178,8 @@ def test_every_common_architecture_trains_with_its_default_targets(tmp_path, tin
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
-    plain = finetune.train(output_dir=str(tmp_path / "plain"), max_steps=2, lora_dropout=0, **QUICK)
-    checkpointed = finetune.train(output_dir=str(tmp_path / "gc"), max_steps=2, lora_dropout=0,
+    plain = finetune.train(base_model=TINY, output_dir=str(tmp_path / "plain"), max_steps=2, lora_dropout=0, **QUICK)
+    checkpointed = finetune.train(base_model=TINY, output_dir=str(tmp_path / "gc"), max_steps=2, lora_dropout=0,
                                   gradient_checkpointing=True, **QUICK)
     assert checkpointed.trainer.args.activation_checkpointing_kwargs == {"use_reentrant": False}
     # really on in the trained model (and off without the flag), so the equal losses below mean something
@@ -189,24 +191,26 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
 
 
 def test_lora_variants_are_configured_and_saved(tmp_path):
-    finetune.train(output_dir=str(tmp_path / "v"), max_steps=1, use_dora=True, use_rslora=True,
+    finetune.train(base_model=TINY, output_dir=str(tmp_path / "v"), max_steps=1, use_dora=True, use_rslora=True,
                    neftune_noise_alpha=5.0, lora_modules_to_save="lm_head", **QUICK)
     config = json.loads((tmp_path / "v" / "adapter_config.json").read_text())
     assert config["use_dora"] is True and config["use_rslora"] is True
     keys = adapter_weights(tmp_path / "v").keys()
     assert any("lora_magnitude_vector" in k for k in keys) and any("lm_head" in k for k in keys)
     with pytest.raises(Exception, match="not_a_module not in this model"):
-        finetune.train(output_dir=str(tmp_path / "w"), max_steps=1, lora_modules_to_save="not_a_module", **QUICK)
+        finetune.train(base_model=TINY, output_dir=str(tmp_path / "w"), max_steps=1, lora_modules_to_save="not_a_module",
+                       **QUICK)
 
 
 def test_neftune_changes_the_training_loss(tmp_path):
-    finetune.train(output_dir=str(tmp_path / "a"), max_steps=1, lora_dropout=0, **QUICK)
-    finetune.train(output_dir=str(tmp_path / "b"), max_steps=1, lora_dropout=0, neftune_noise_alpha=50.0, **QUICK)
+    finetune.train(base_model=TINY, output_dir=str(tmp_path / "a"), max_steps=1, lora_dropout=0, **QUICK)
+    finetune.train(base_model=TINY, output_dir=str(tmp_path / "b"), max_steps=1, lora_dropout=0, neftune_noise_alpha=50.0,
+                   **QUICK)
     assert abs(losses(tmp_path / "a")[0] - losses(tmp_path / "b")[0]) > 1e-4
 
 
 def test_full_fine_tuning_saves_a_whole_model(tmp_path, tiny_model_path):
-    result = finetune.train(output_dir=str(tmp_path / "full"), max_steps=2, use_lora=False, **QUICK)
+    result = finetune.train(base_model=TINY, output_dir=str(tmp_path / "full"), max_steps=2, use_lora=False, **QUICK)
     trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
     assert trainable == sum(p.numel() for p in result.model.parameters())
     assert (tmp_path / "full" / "model.safetensors").is_file()

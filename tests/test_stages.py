@@ -23,7 +23,7 @@ from medlora.preference import encode_pairs, load_preference_pairs, with_reply
 from medlora.pretraining import group_into_blocks, load_documents, tokenize_documents
 from medlora.templates import PromptTemplate
 from medlora.tokenization import ConversationEncoder
-from tests.conftest import ROOT, run_script, shared_dataset
+from tests.conftest import ROOT, TINY, run_script, shared_dataset
 
 PREFERENCE_SAMPLE = ROOT / "data" / "preference" / "medical_preference_en.jsonl"
 QUICK = ["--warmup_steps", 0, "--save_steps", 1000, "--logging_steps", 1]
@@ -55,9 +55,9 @@ def adapter_tensors(folder):
 @pytest.fixture(scope="module")
 def pt_adapter(tmp_path_factory, tiny_model_path):
     output_dir = tmp_path_factory.mktemp("pt") / "pt"
-    result = run_launcher("run_pt.sh", {"OUTPUT_DIR": output_dir}, "--block_size", 64, "--batch_size", 8,
-                          "--micro_batch_size", 8, "--max_steps", 8, "--learning_rate", 2e-2, "--val_set_size", 6,
-                          "--lora_target_modules", "all-linear", *QUICK)
+    result = run_launcher("run_pt.sh", {"BASE_MODEL": TINY, "OUTPUT_DIR": output_dir}, "--block_size", 64,
+                          "--batch_size", 8, "--micro_batch_size", 8, "--max_steps", 8, "--learning_rate", 2e-2,
+                          "--val_set_size", 6, "--lora_target_modules", "all-linear", *QUICK)
     return output_dir, result.stdout
 
 
@@ -75,9 +75,10 @@ def test_pretrained_adapter_loads_for_inference_and_finetune_continues_it(pt_ada
 
     output_dir, _ = pt_adapter
     settings = settings_of(output_dir)
-    assert settings["base_model"] == "builtin:tiny-llama" and settings["stage"] == "pretrain"
+    assert settings["base_model"] == TINY and settings["stage"] == "pretrain"
     loaded = load_for_inference(lora_weights=str(output_dir))
-    assert loaded.template_name is None  # plain text: the SFT stage chooses the chat template
+    # plain text has no template of its own: inference uses the built-in base model's default (the tiny model's alpaca)
+    assert loaded.template_name == "alpaca" and not loaded.run_settings.get("prompt_template_name")
     ids = loaded.tokenizer("Fever is a rise in body temperature.", return_tensors="pt").input_ids
     with torch.no_grad():
         tuned = loaded.model(input_ids=ids).logits
@@ -86,7 +87,7 @@ def test_pretrained_adapter_loads_for_inference_and_finetune_continues_it(pt_ada
     assert (tuned - base).abs().max().item() > 1e-3
 
     sft_dir = tmp_path / "sft"
-    run_launcher("run_sft.sh", {"LORA_WEIGHTS": output_dir, "OUTPUT_DIR": sft_dir}, "--max_steps", 1,
+    run_launcher("run_sft.sh", {"BASE_MODEL": TINY, "LORA_WEIGHTS": output_dir, "OUTPUT_DIR": sft_dir}, "--max_steps", 1,
                  "--batch_size", 4, "--micro_batch_size", 4, "--val_set_size", 0, "--cutoff_len", 64, *QUICK)
     assert adapter_tensors(sft_dir).keys() == adapter_tensors(output_dir).keys()
     assert settings_of(sft_dir)["lora_weights"] == str(output_dir)
@@ -96,13 +97,13 @@ def test_full_pretraining_writes_a_model_that_loads_as_a_base(tmp_path, tiny_mod
     import pretrain
     from medlora.modeling import load_for_inference
 
-    pretrain.pretrain(output_dir=str(tmp_path / "full"), use_lora=False, block_size=64, batch_size=8,
+    pretrain.pretrain(base_model=TINY, output_dir=str(tmp_path / "full"), use_lora=False, block_size=64, batch_size=8,
                       micro_batch_size=8, max_steps=2, learning_rate=1e-3, val_set_size=6, warmup_steps=0,
                       save_steps=1000)
     assert (tmp_path / "full" / "model.safetensors").is_file()
     assert not (tmp_path / "full" / "adapter_config.json").exists()
     tuned = load_for_inference(base_model=str(tmp_path / "full"))
-    base = load_for_inference(base_model="builtin:tiny-llama")
+    base = load_for_inference(base_model=TINY)
     ids = tuned.tokenizer("Fever is a rise in body temperature.", return_tensors="pt").input_ids
     with torch.no_grad():
         assert (tuned.model(input_ids=ids).logits - base.model(input_ids=ids).logits).abs().max().item() > 1e-3
@@ -131,8 +132,9 @@ def test_pretrain_runs_on_the_medicalgpt_text(name, tmp_path, tiny_model_path):
     import pretrain
 
     path = shared_dataset(f"medicalgpt/{name}")
-    trainer = pretrain.pretrain(data_path=str(path), output_dir=str(tmp_path / "pt"), block_size=128, batch_size=8,
-                                micro_batch_size=8, max_steps=1, val_set_size=0.05, warmup_steps=0, save_steps=1000)
+    trainer = pretrain.pretrain(base_model=TINY, data_path=str(path), output_dir=str(tmp_path / "pt"), block_size=128,
+                                batch_size=8, micro_batch_size=8, max_steps=1, val_set_size=0.05, warmup_steps=0,
+                                save_steps=1000)
     assert all(len(row["input_ids"]) == 128 for row in trainer.train_dataset)
     assert math.isfinite(settings_of(tmp_path / "pt")["validation_perplexity_after"])
 
@@ -258,7 +260,8 @@ def test_dpo_cli_stops_on_a_bad_record_with_one_line_and_writes_nothing(tmp_path
     path = tmp_path / "pairs.jsonl"
     path.write_text('{"prompt": "Cough?", "chosen": "See a clinician.", "rejected": "Never mind."}\n'
                     '{"prompt": "Fever?", "chosen": "Rest and fluids."}\n', encoding="utf-8")
-    result = run_script("dpo.py", "--data_path", path, "--output_dir", tmp_path / "out", check=False)
+    result = run_script("dpo.py", "--base_model", TINY, "--data_path", path, "--output_dir", tmp_path / "out",
+                        check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: {path}: record 2: field 'rejected': missing"
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
@@ -294,7 +297,7 @@ def test_dpo_adapter_loads_with_no_extra_flags(dpo_adapter, tiny_adapter):
     output_dir, _ = dpo_adapter
     settings = settings_of(output_dir)
     assert (settings["base_model"], settings["prompt_template_name"], settings["stage"]) == (
-        "builtin:tiny-llama", "alpaca", "preference")
+        TINY, "alpaca", "preference")
     tuned, sft = adapter_tensors(output_dir), adapter_tensors(tiny_adapter)
     assert tuned.keys() == sft.keys() and not any(".ref." in key for key in tuned)  # TRL's reference copy is gone
     assert max((tuned[key] - sft[key]).abs().max().item() for key in sft) > 1e-4
@@ -362,8 +365,8 @@ def test_orpo_with_a_fresh_adapter_lowers_its_loss(tmp_path, tiny_model_path):
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(PREFERENCE_SAMPLE.read_text().splitlines(keepends=True)[:16]))
-    trainer = dpo.train(data_path=str(data), output_dir=str(tmp_path / "orpo"), loss="orpo", max_steps=4,
-                        batch_size=8, micro_batch_size=8, learning_rate=2e-2, val_set_size=0, cutoff_len=96,
+    trainer = dpo.train(base_model=TINY, data_path=str(data), output_dir=str(tmp_path / "orpo"), loss="orpo",
+                        max_steps=4, batch_size=8, micro_batch_size=8, learning_rate=2e-2, val_set_size=0, cutoff_len=96,
                         lora_target_modules="all-linear", warmup_steps=0, save_steps=1000, logging_steps=1)
     metrics = settings_of(tmp_path / "orpo")["preference_metrics"]
     assert metrics["loss"]["after"] < metrics["loss"]["before"] - 0.05
@@ -391,9 +394,9 @@ def test_dpo_with_qlora_starts_at_its_reference(tmp_path, tiny_adapter):
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory, tiny_model_path):
     output_dir = tmp_path_factory.mktemp("rm") / "rm"
-    result = run_launcher("run_rm.sh", {"OUTPUT_DIR": output_dir}, "--max_steps", 6, "--batch_size", 8,
-                          "--micro_batch_size", 4, "--learning_rate", 1e-2, "--val_set_size", 0, "--cutoff_len", 96,
-                          "--lora_target_modules", "all-linear", *QUICK)
+    result = run_launcher("run_rm.sh", {"BASE_MODEL": TINY, "OUTPUT_DIR": output_dir}, "--max_steps", 6,
+                          "--batch_size", 8, "--micro_batch_size", 4, "--learning_rate", 1e-2, "--val_set_size", 0,
+                          "--cutoff_len", 96, "--lora_target_modules", "all-linear", *QUICK)
     return output_dir, result.stdout
 
 
@@ -429,9 +432,9 @@ def rl_policy(tmp_path_factory, tiny_model_path):
     import finetune
 
     output_dir = tmp_path_factory.mktemp("policy") / "sft"
-    finetune.train(output_dir=str(output_dir), max_steps=6, batch_size=8, micro_batch_size=8, val_set_size=0,
-                   warmup_steps=0, learning_rate=1e-2, lora_target_modules="all-linear", lora_modules_to_save="lm_head",
-                   cutoff_len=128, save_steps=1000)
+    finetune.train(base_model=TINY, output_dir=str(output_dir), max_steps=6, batch_size=8, micro_batch_size=8,
+                   val_set_size=0, warmup_steps=0, learning_rate=1e-2, lora_target_modules="all-linear",
+                   lora_modules_to_save="lm_head", cutoff_len=128, save_steps=1000)
     return output_dir
 
 
@@ -501,7 +504,7 @@ def test_offline_pipeline_script_chains_every_stage(tmp_path, tiny_model_path):
     assert stages["sft"]["lora_weights"] == str(work / "pt")
     assert stages["dpo"]["lora_weights"] == stages["rl"]["lora_weights"] == str(work / "sft")
     assert stages["rl"]["reward_model"] == str(work / "rm") and stages["rm"]["stage"] == "reward"
-    assert all(settings["base_model"] == "builtin:tiny-llama" for settings in stages.values())
+    assert all(settings["base_model"] == TINY for settings in stages.values())
     assert result.stdout.count("done in") == 5 and "pipeline done" in result.stdout
 
 
@@ -519,8 +522,9 @@ def test_pretrain_under_torchrun_matches_one_process(tmp_path):
     """Every stage shares finetune.py's torchrun path; continued pretraining stands in for them here."""
     from tests.conftest import ROOT, run_script
 
-    flags = ["--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "2", "--block_size", "64",
-             "--lora_dropout", "0", "--learning_rate", "1e-2", "--warmup_steps", "0", "--logging_steps", "1"]
+    flags = ["--base_model", TINY, "--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "2",
+             "--block_size", "64", "--lora_dropout", "0", "--learning_rate", "1e-2", "--warmup_steps", "0",
+             "--logging_steps", "1"]
     run_script("pretrain.py", "--output_dir", tmp_path / "one", *flags)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
                 "pretrain.py", "--output_dir", str(tmp_path / "two"), *flags]

@@ -1,0 +1,76 @@
+"""Flags are checked against the script's function before any work: an unknown one is refused at once."""
+
+import pytest
+
+import chat
+import finetune
+import generate
+from medlora.cli import unknown_flag_error
+from medlora.errors import MedLoRAError
+from tests.conftest import run_script
+
+
+@pytest.mark.parametrize("function, argv, expected", [
+    (finetune.train, ["--micro_batchsize", "4"], "unknown flag --micro_batchsize; did you mean --micro_batch_size?"),
+    (finetune.train, ["--output_dir=x", "--lerning_rate=1e-3"], "unknown flag --lerning_rate; did you mean --learning_rate?"),
+    (chat.main, ["--prompt_template_name", "chatml"], "unknown flag --prompt_template_name; did you mean --prompt_template?"),
+    (generate.main, ["--server_prot", "7879"], "unknown flag --server_prot; did you mean --server_port?"),
+    (finetune.train, ["--zzz"], "unknown flag --zzz; see --help for every flag"),
+])
+def test_unknown_flags_are_named_with_the_nearest_valid_one(function, argv, expected):
+    assert unknown_flag_error(function, argv) == expected
+
+
+@pytest.mark.parametrize("argv", [
+    ["--micro_batch_size", "4", "--output_dir", "x"], ["--micro-batch-size=4"], ["--nopacking"], ["--packing"],
+    ["--help"], ["--lora_target_modules", "q_proj,v_proj"], ["--max_steps", "-1"], ["--", "--trace"],
+])
+def test_valid_flags_pass(argv):
+    assert unknown_flag_error(finetune.train, argv) is None
+
+
+def test_a_misspelt_flag_stops_before_any_work(tmp_path):
+    result = run_script("finetune.py", "--output_dir", tmp_path / "out", "--micro_batchsize", 4, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: unknown flag --micro_batchsize; did you mean --micro_batch_size?"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_finished_run_is_not_overwritten_unless_asked(tmp_path):
+    from tests.conftest import TINY
+
+    output_dir = tmp_path / "out"
+    flags = ["--base_model", TINY, "--output_dir", output_dir, "--max_steps", 1, "--batch_size", 4,
+             "--micro_batch_size", 4, "--val_set_size", 0, "--cutoff_len", 64, "--save_steps", 1000, "--warmup_ratio", 0]
+    run_script("finetune.py", *flags)
+    weights = (output_dir / "adapter_model.safetensors").read_bytes()
+    refused = run_script("finetune.py", *flags, "--learning_rate", 1e-2, check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith(f"error: --output_dir {output_dir} already holds a finished run")
+    assert (output_dir / "adapter_model.safetensors").read_bytes() == weights
+    run_script("finetune.py", *flags, "--learning_rate", 1e-2, "--overwrite_output_dir")
+    assert (output_dir / "adapter_model.safetensors").read_bytes() != weights
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num_epochs", 0], "--num_epochs must be > 0 unless --max_steps is; got 0"),
+    (["--learning_rate", 0], "--learning_rate must be > 0; got 0"),
+    (["--learning_rate", -1e-4], "--learning_rate must be > 0; got -0.0001"),
+    (["--val_set_size", -1], "--val_set_size must be >= 0 (a count, or a fraction below 1); got -1"),
+    (["--cutoff_len", 0], "--cutoff_len must be > 0; got 0"),
+    (["--micro_batch_size", 0], "--micro_batch_size must be > 0; got 0"),
+    (["--batch_size", -8], "--batch_size must be > 0; got -8"),
+    (["--lora_r", 0], "--lora_r must be > 0; got 0"),
+    (["--lora_dropout", 1.5], "--lora_dropout must be in [0, 1); got 1.5"),
+    (["--warmup_ratio", 1.5], "--warmup_ratio must be in [0, 1); got 1.5"),
+    (["--warmup_steps", -3], "--warmup_steps must be >= 0; got -3"),
+])
+def test_out_of_range_numbers_are_refused_before_any_work(tmp_path, flags, message):
+    import finetune
+
+    output_dir = tmp_path / "out"
+    with pytest.raises(MedLoRAError) as raised:
+        finetune.train(base_model="builtin:no-such-model-so-nothing-loads", output_dir=str(output_dir),
+                       **{flags[0][2:]: flags[1]})
+    assert str(raised.value) == message
+    assert not output_dir.exists()
