@@ -92,8 +92,10 @@ def test_torchrun_bad_record_stops_every_process_with_the_error(tmp_path):
     assert result.returncode != 0
     message = f"error: {data}: record 2: field 'instruction': empty (and no 'input')"
     assert result.stderr.count(message) == 2, result.stderr[-3000:]
-    exit_codes = re.findall(r"exitcode\s*:\s*(-?\d+) \(pid", result.stderr)  # torchrun's per-process summary
-    assert exit_codes == ["2", "2"], result.stderr[-3000:]
+    # torchrun's per-process summary: the rank that exits first fails the job, and torchrun then stops a rank
+    # that is still on its way out with SIGTERM (-15) on a loaded machine; an abort (-6) or a hang is the bug.
+    exit_codes = re.findall(r"exitcode\s*:\s*(-?\d+) \(pid", result.stderr)
+    assert "2" in exit_codes and set(exit_codes) <= {"2", "-15"}, result.stderr[-3000:]
     assert not (tmp_path / "out").exists()
 
 
