@@ -3,7 +3,7 @@
     python chat.py --lora_weights ./lora-medlora
     python chat.py --lora_weights ./lora-medlora --prompt "What can I do about a tension headache?"   # one answer
     python chat.py --lora_weights ./lora-medlora --prompt "..." --compare --temperature 0   # base vs tuned answer
-    python chat.py --base_model meta-llama/Llama-3.1-8B --lora_weights ./lora-chatdoctor --load_4bit
+    python chat.py --base_model meta-llama/Llama-3.1-8B --lora_weights ./lora-chatdoctor --load_in_4bit
     python chat.py --help                                          # every flag
 
 Commands: /reset clears the conversation, /system <text> sets the system prompt (/system alone
@@ -28,9 +28,9 @@ def main(
     # model (as in generate.py)
     base_model: str = "",  # hub id, local folder or builtin:NAME; default: the adapter's base, else builtin:smollm2-135m-instruct
     lora_weights: str = "",  # adapter folder (or hub id); empty: the base (or merged) model alone
-    load_8bit: bool = False,
-    load_4bit: bool = False,
-    prompt_template: str = "",  # a name in templates/; default: the adapter's template, else alpaca
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+    prompt_template_name: str = "",  # a name in templates/; default: the adapter's template, else alpaca
     device: str = "",  # cuda, cuda:1, mps or cpu; default: the first available of these
     precision: str = "auto",  # auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16
     trust_remote_code: bool = False,
@@ -54,7 +54,7 @@ def main(
     # In one-shot mode stdout carries only the answer; everything else goes to stderr.
     notes = sys.stderr if prompt else sys.stdout
     print(DISCLAIMER, file=notes, flush=True)
-    chat = ChatModel.load(base_model, lora_weights, load_8bit, load_4bit, prompt_template, device, precision,
+    chat = ChatModel.load(base_model, lora_weights, load_in_8bit, load_in_4bit, prompt_template_name, device, precision,
                           trust_remote_code)
     print(f"model: {chat.describe()}", file=sys.stderr, flush=True)
 

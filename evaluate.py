@@ -38,7 +38,7 @@ def main(
     fewshot_path: str = "",  # question file to draw examples from; default: the same file, minus the question
     limit: int = 0,  # score only the first N questions of each file, and N held-out records (0: all)
     batch_size: int = 8,  # sequences per forward pass
-    prompt_template: str = "",  # default: the adapter's template (medlora_run.json), else alpaca
+    prompt_template_name: str = "",  # default: the adapter's template (medlora_run.json), else alpaca
     output_file: str = "",  # JSON report with per-question predictions and option scores
     compare: bool = False,  # score the base (adapter disabled) and the adapter in one run
     load_in_4bit: bool = False,
@@ -53,7 +53,7 @@ def main(
     from medlora.evaluation import Evaluator, ModelResults, summary_table
     from medlora.questions import load_question_file, pick_fewshot, question_files
     from medlora.records import load_conversations
-    from medlora.run_settings import load_run_settings
+    from medlora.run_folder import RunFolder
     from medlora.templates import PromptTemplate
 
     # ---- check flags and read every question before any model loads ------------------------------------------
@@ -63,11 +63,10 @@ def main(
         raise MedLoRAError("--compare needs --lora_weights (the base is scored with the adapter disabled)")
     if batch_size < 1 or num_fewshot < 0 or limit < 0:
         raise MedLoRAError("--batch_size must be >= 1, --num_fewshot and --limit >= 0")
-    if lora_weights and str(lora_weights).startswith((".", "/", "~")) and not Path(lora_weights).expanduser().is_dir():
-        raise MedLoRAError(f"--lora_weights {lora_weights}: no such adapter folder")  # (a hub id is fine)
-    settings = load_run_settings(lora_weights) if lora_weights else (
-        load_run_settings(base_model) if base_model and Path(base_model).is_dir() else {})
-    template = PromptTemplate.load(prompt_template or settings.get("prompt_template_name") or default_template_for(
+    run = RunFolder.adapter(lora_weights) if lora_weights else (  # (a merged export carries the settings too)
+        RunFolder(base_model) if base_model and Path(base_model).is_dir() else None)
+    settings = run.settings if run else {}
+    template = PromptTemplate.load(prompt_template_name or settings.get("prompt_template_name") or default_template_for(
         base_model or settings.get("base_model") or DEFAULT_BASE_MODEL))
     files = [] if method == "perplexity" else [load_question_file(path) for path in question_files(data_path)]
     fewshot_pool = load_question_file(fewshot_path).questions if fewshot_path else None
@@ -86,7 +85,7 @@ def main(
     # ---- model ------------------------------------------------------------------------------------------------
     from medlora.modeling import load_for_inference
 
-    loaded = load_for_inference(base_model or (None if lora_weights else DEFAULT_BASE_MODEL), lora_weights or None,
+    loaded = load_for_inference(base_model or (None if lora_weights else DEFAULT_BASE_MODEL), run if lora_weights else None,
                                 load_in_4bit, load_in_8bit, trust_remote_code=trust_remote_code)
     evaluator = Evaluator(loaded.model, loaded.tokenizer, template, batch_size, max_new_tokens)
     if compare:
@@ -112,7 +111,7 @@ def main(
     if output_file:
         report = {
             "settings": {"base_model": base_model or settings.get("base_model") or DEFAULT_BASE_MODEL,
-                         "lora_weights": lora_weights, "prompt_template": template.name, "method": method,
+                         "lora_weights": lora_weights, "prompt_template_name": template.name, "method": method,
                          "num_fewshot": num_fewshot, "fewshot_path": fewshot_path, "limit": limit, "seed": seed,
                          "load_in_4bit": load_in_4bit, "load_in_8bit": load_in_8bit,
                          "perplexity_path": perplexity_path, "cutoff_len": cutoff_len, "max_new_tokens": max_new_tokens},

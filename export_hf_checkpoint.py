@@ -23,7 +23,7 @@ from medlora import cli
 def main(
     base_model: str = "",  # empty: the base the adapter was trained on (from its medlora_run.json)
     lora_weights: str = "./lora-medlora",  # the adapter folder finetune.py wrote
-    output_dir: str = "./hf_ckpt",
+    output_dir: str = "./hf_ckpt",  # where the merged Hugging Face checkpoint is written (refused if not empty)
     dtype: str = "auto",  # auto (the base checkpoint's own dtype), float16, bfloat16 or float32
     max_shard_size: str = "5GB",  # safetensors shard size, e.g. 2GB or 500MB
     force: bool = False,  # replace a non-empty output_dir

@@ -20,7 +20,7 @@ from medlora import cli
 def main(
     base_model: str = "",  # empty: the base the adapter was trained on (from its medlora_run.json)
     lora_weights: str = "./lora-medlora",  # the adapter folder finetune.py wrote
-    output_dir: str = "./ckpt",
+    output_dir: str = "./ckpt",  # where consolidated.00.pth and params.json are written (refused if not empty)
     dtype: str = "auto",  # auto (the base checkpoint's own dtype), float16, bfloat16 or float32
     force: bool = False,  # replace a non-empty output_dir
     device: str = "cpu",  # where to merge and check: cpu, or cuda when the model fits in GPU memory

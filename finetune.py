@@ -17,41 +17,11 @@ import time
 from collections import namedtuple
 from pathlib import Path
 
-from medlora import cli, distributed
-from medlora.builtin_models import DEFAULT_BASE_MODEL, default_template_for
+from medlora import cli
+from medlora.builtin_models import default_template_for
 from medlora.errors import MedLoRAError
-from medlora.modeling import (
-    count_parameters,
-    fit_embeddings_to_tokenizer,
-    load_base_model,
-    load_tokenizer,
-    resolve_base_model,
-    resolve_lora_targets,
-    resolve_modules_to_save,
-    resolve_precision,
-    trainable_parameters_to_fp32,
-)
-from medlora.packed_attention import PACKED_ATTENTION, use_packed_attention
 from medlora.paths import DATA_DIR
-from medlora.records import load_conversations
-from medlora.saving import refuse_finished_run, save_trained_model
 from medlora.templates import PromptTemplate
-from medlora.tokenization import ConversationEncoder
-from medlora.training import (
-    LabelOnlyLossTrainer,
-    PackedCollator,
-    PaddedCollator,
-    check_numeric_flags,
-    gradient_accumulation_steps_for,
-    optimizer_steps,
-    prepare_quantized_for_training,
-    resolve_report_to,
-    resolve_resume_checkpoint,
-    resolve_warmup,
-    shared_training_arguments,
-    split_validation,
-    supports_packing,
-)
 
 DEFAULT_DATA = str(DATA_DIR / "sft")
 FinetuneResult = namedtuple("FinetuneResult", "model tokenizer trainer train_report")
@@ -60,7 +30,7 @@ logger = logging.getLogger("finetune")
 
 def train(
     # model and data
-    base_model: str = DEFAULT_BASE_MODEL,
+    base_model: str = "",
     data_path: str = DEFAULT_DATA,
     output_dir: str = "./lora-medlora",
     field_map: str = "",
@@ -117,7 +87,7 @@ def train(
     Returns a FinetuneResult (model, tokenizer, trainer, data report) when called from Python.
 
     Args:
-        base_model: Hub id, local folder, or built-in: builtin:smollm2-135m-instruct (the default: SmolLM2-135M-Instruct, 135M parameters, Apache-2.0, real weights) or builtin:tiny-llama (1.5M-parameter random toy for tests); see docs/models.md.
+        base_model: Hub id, local folder, or built-in: builtin:smollm2-135m-instruct (SmolLM2-135M-Instruct, 135M parameters, Apache-2.0, real weights) or builtin:tiny-llama (1.5M-parameter random toy for tests); see docs/models.md. Default: the base of --lora_weights, else builtin:smollm2-135m-instruct.
         data_path: A .json/.jsonl/.csv/.parquet file, a folder of them, or a hub dataset name.
         output_dir: Where the adapter, tokenizer, medlora_run.json and checkpoints go.
         field_map: JSON mapping our field names to your columns, e.g. '{"input": "question", "output": "answer"}'.
@@ -126,17 +96,8 @@ def train(
         batch_size: Examples per optimizer step, all processes together (alpaca-lora used 128 for 52k records; 32 gives the bundled data 48 optimizer steps in 3 epochs).
         micro_batch_size: Examples per forward pass on one device; accumulation makes up the rest.
         num_epochs: Passes over the training records.
-        max_steps: If > 0, stop after this many optimizer steps (overrides num_epochs).
-        learning_rate: Peak learning rate (linear warmup, then linear decay).
-        warmup_ratio: Fraction of the optimizer steps spent in linear warmup.
-        warmup_steps: Optimizer steps of linear warmup, 0 for none; when given it overrides warmup_ratio.
         cutoff_len: Maximum tokens per record; longer records are truncated (and dropped if no reply token is left).
         val_set_size: Records held out for validation: a count, or a fraction when below 1; 0 for none.
-        seed: Seed for the split, the shuffling, LoRA initialisation and dropout.
-        lora_r: LoRA rank.
-        lora_alpha: LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).
-        lora_dropout: Dropout on the LoRA input.
-        lora_target_modules: Module names (comma-separated or a list), or all-linear; default: the architecture's usual attention projections.
         lora_modules_to_save: Modules trained in full and saved with the adapter (e.g. lm_head,embed_tokens).
         use_lora: False for full fine-tuning (every weight trained; the output folder is a whole model).
         lora_weights: An existing adapter folder to continue training (e.g. from pretrain.py) instead of a new one.
@@ -146,25 +107,48 @@ def train(
         add_eos_token: End every reply with EOS so that the tuned model learns to stop.
         group_by_length: Draw batches of similar length (less padding when --packing is off).
         packing: Padding-free batches (records of a micro-batch in one row, no pad token). Default: on where the architecture supports it.
-        precision: auto (GPU: bf16, else fp16; CPU: bf16 autocast where it has AMX/AVX512-BF16, else fp32), fp32, bf16, bf16-mixed (bf16 autocast, fp32 weights) or fp16.
-        load_in_4bit: QLoRA: load the base in 4-bit NF4 with double quantization (bitsandbytes).
-        load_in_8bit: Load the base in 8-bit (bitsandbytes).
-        gradient_checkpointing: Recompute activations in the backward pass (non-reentrant): less memory, slower (about one more forward pass per step).
         neftune_noise_alpha: NEFTune: add uniform noise of this scale to the input embeddings while training.
-        trust_remote_code: Run the model repository's own Python code (only for repositories you trust).
         logging_steps: Log the training loss every this many optimizer steps.
         eval_steps: Evaluate on the validation records every this many optimizer steps.
-        save_steps: Write a resumable checkpoint every this many optimizer steps.
-        save_total_limit: Keep at most this many checkpoints.
-        report_to: none, tensorboard (logs under output_dir/runs) or wandb.
-        wandb_project: Weights & Biases project; setting it turns on wandb reporting.
-        wandb_run_name: Weights & Biases run name.
-        wandb_watch: Weights & Biases model watching: false, gradients or all.
-        wandb_log_model: Upload checkpoints to Weights & Biases: false or true.
-        resume_from_checkpoint: A checkpoint folder to resume from, or True for the latest in output_dir.
-        overwrite_output_dir: Train into an output_dir that already holds a finished run (refused otherwise, unless resuming).
         list_templates: Print the available templates and exit.
     """
+    settings = dict(locals())  # the flags as given, saved in medlora_run.json
+    # Imported here, not at the top, so that --help answers without loading torch and transformers.
+    from medlora import distributed
+    from medlora.modeling import (
+        continued_adapter_defaults,
+        count_parameters,
+        fit_embeddings_to_tokenizer,
+        load_base_model,
+        load_tokenizer,
+        resolve_base_model,
+        resolve_lora_targets,
+        resolve_modules_to_save,
+        resolve_precision,
+        trainable_parameters_to_fp32,
+    )
+    from medlora.packed_attention import PACKED_ATTENTION, use_packed_attention
+    from medlora.records import load_conversations
+    from medlora.run_folder import RunFolder
+    from medlora.saving import save_trained_model
+    from medlora.tokenization import ConversationEncoder
+    from medlora.training import (
+        LabelOnlyLossTrainer,
+        PackedCollator,
+        PaddedCollator,
+        check_numeric_flags,
+        gradient_accumulation_steps_for,
+        optimizer_steps,
+        prepare_quantized_for_training,
+        resolve_report_to,
+        resolve_resume_checkpoint,
+        resolve_warmup,
+        shared_training_arguments,
+        split_validation,
+        supports_packing,
+        training_loss_change,
+    )
+
     if list_templates:
         from medlora.templates import available_templates
 
@@ -172,19 +156,17 @@ def train(
             print(f"{name:14s} {PromptTemplate.load(name).description}")
         return
     started = time.time()
-    settings = dict(locals())
     world_size, is_main = distributed.world_size(), distributed.is_main_process()
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
-    check_numeric_flags(batch_size=batch_size, micro_batch_size=micro_batch_size, num_epochs=num_epochs,
-                        max_steps=max_steps, learning_rate=learning_rate, cutoff_len=cutoff_len,
-                        val_set_size=val_set_size, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                        logging_steps=logging_steps, eval_steps=eval_steps, save_steps=save_steps,
-                        warmup_ratio=warmup_ratio, warmup_steps=warmup_steps)
+    check_numeric_flags(settings)
     gradient_accumulation_steps = gradient_accumulation_steps_for(batch_size, micro_batch_size)
     report_to = resolve_report_to(report_to, wandb_project, wandb_watch, wandb_log_model)
     resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
     if not (resume_from_checkpoint or overwrite_output_dir):
-        refuse_finished_run(output_dir)
+        RunFolder(output_dir).refuse_finished_run()
+    # --lora_weights continues an adapter (e.g. pretrain.py's): its base and template unless given
+    base_model, prompt_template_name = continued_adapter_defaults(lora_weights if use_lora else "", base_model,
+                                                                  prompt_template_name)
 
     # ---- data: every record validated and tokenized once (on rank 0), before any model is loaded ----------
     def prepare_data():
@@ -299,7 +281,7 @@ def train(
         save_trained_model(model, tokenizer, output_dir, settings, trainer.state.log_history)
         elapsed = time.time() - started
         tokens = train_report.trained_tokens * result.metrics.get("epoch", num_epochs)
-        print(f"done in {elapsed:.0f}s: {result.global_step} steps, final training loss {result.training_loss:.4f}, "
+        print(f"done in {elapsed:.0f}s: {result.global_step} steps, {training_loss_change(trainer.state.log_history)}, "
               f"~{tokens / max(result.metrics['train_runtime'], 1e-9):.0f} trained tokens/s; adapter in {output_dir}")
         print(validation_change(trainer.state.log_history))
     return FinetuneResult(model, tokenizer, trainer, train_report)

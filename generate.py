@@ -1,7 +1,7 @@
 """Talk to a tuned model in the browser, or answer a whole file of questions (batch mode).
 
     python generate.py --lora_weights ./lora-medlora             # chat page on http://127.0.0.1:7860
-    python generate.py --base_model meta-llama/Llama-3.1-8B --lora_weights ./lora-chatdoctor --load_4bit
+    python generate.py --base_model meta-llama/Llama-3.1-8B --lora_weights ./lora-chatdoctor --load_in_4bit
     python generate.py --lora_weights ./lora-medlora --auth "doctor:s3cret" --server_name 0.0.0.0
     python generate.py --lora_weights ./lora-medlora --data_file questions.jsonl --predictions_file answers.jsonl
     python generate.py --help                                     # every flag
@@ -25,9 +25,9 @@ def main(
     # model
     base_model: str = "",  # hub id, local folder or builtin:NAME; default: the adapter's base, else builtin:smollm2-135m-instruct
     lora_weights: str = "",  # adapter folder (or hub id); empty: the base (or merged) model alone
-    load_8bit: bool = False,
-    load_4bit: bool = False,
-    prompt_template: str = "",  # a name in templates/; default: the adapter's template, else alpaca
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+    prompt_template_name: str = "",  # a name in templates/; default: the adapter's template, else alpaca
     device: str = "",  # cuda, cuda:1, mps or cpu; default: the first available of these
     precision: str = "auto",  # auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16
     trust_remote_code: bool = False,
@@ -40,7 +40,7 @@ def main(
     repetition_penalty: float = 1.1,
     # web page
     server_name: str = "127.0.0.1",  # 0.0.0.0 exposes the page to your network: set --auth then
-    server_port: int = 7860,
+    server_port: int = 7860,  # the port the page listens on
     share: bool = False,  # a public *.gradio.live link; anyone with it can use your model
     auth: str = "",  # "user:password", or a file of user:password lines
     max_input_chars: int = 4000,  # longer messages are refused with a message
@@ -77,7 +77,7 @@ def main(
     # ---- model ----------------------------------------------------------------------------------------------
     from medlora.generation import ChatModel
 
-    chat = ChatModel.load(base_model, lora_weights, load_8bit, load_4bit, prompt_template, device, precision,
+    chat = ChatModel.load(base_model, lora_weights, load_in_8bit, load_in_4bit, prompt_template_name, device, precision,
                           trust_remote_code)
     print(f"model: {chat.describe()}", file=sys.stderr, flush=True)
 

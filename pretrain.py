@@ -19,32 +19,10 @@ import logging
 import math
 import time
 
-from medlora import cli, distributed
+from medlora import cli
 from medlora.builtin_models import DEFAULT_BASE_MODEL
 from medlora.errors import MedLoRAError
-from medlora.modeling import (
-    count_parameters,
-    fit_embeddings_to_tokenizer,
-    load_base_model,
-    load_tokenizer,
-    resolve_base_model,
-    resolve_lora_targets,
-    resolve_precision,
-    trainable_parameters_to_fp32,
-)
 from medlora.paths import DATA_DIR
-from medlora.pretraining import group_into_blocks, load_documents, tokenize_documents
-from medlora.saving import save_trained_model
-from medlora.training import (
-    LabelOnlyLossTrainer,
-    PaddedCollator,
-    gradient_accumulation_steps_for,
-    prepare_quantized_for_training,
-    resolve_report_to,
-    resolve_resume_checkpoint,
-    shared_training_arguments,
-    split_validation,
-)
 
 DEFAULT_DATA = str(DATA_DIR / "pretrain")
 logger = logging.getLogger("pretrain")
@@ -100,33 +78,48 @@ def pretrain(
         batch_size: Blocks per optimizer step, all processes together.
         micro_batch_size: Blocks per forward pass on one device; accumulation makes up the rest.
         num_epochs: Passes over the training blocks.
-        max_steps: If > 0, stop after this many optimizer steps (overrides num_epochs).
-        learning_rate: Peak learning rate (linear warmup, then linear decay).
-        warmup_steps: Optimizer steps of linear warmup.
         val_set_size: Documents held out for validation (perplexity): a count, or a fraction when below 1; 0 for none.
-        seed: Seed for the split, the shuffling, LoRA initialisation and dropout.
-        lora_r: LoRA rank.
-        lora_alpha: LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).
-        lora_dropout: Dropout on the LoRA input.
-        lora_target_modules: Module names (comma-separated or a list), or all-linear; default: the architecture's usual attention projections.
-        precision: auto (GPU: bf16, else fp16; CPU: bf16 autocast where it has AMX/AVX512-BF16, else fp32), fp32, bf16, bf16-mixed (bf16 autocast, fp32 weights) or fp16.
         load_in_4bit: QLoRA: load the base in 4-bit NF4 with double quantization (bitsandbytes); needs --use_lora.
         load_in_8bit: Load the base in 8-bit (bitsandbytes); needs --use_lora.
-        gradient_checkpointing: Recompute activations in the backward pass (non-reentrant): less memory, slower (about one more forward pass per step).
-        trust_remote_code: Run the model repository's own Python code (only for repositories you trust).
         logging_steps: Log the training loss every this many optimizer steps.
         eval_steps: Evaluate on the validation blocks every this many optimizer steps.
-        save_steps: Write a resumable checkpoint every this many optimizer steps.
-        save_total_limit: Keep at most this many checkpoints.
-        report_to: none, tensorboard (logs under output_dir/runs) or wandb.
-        wandb_project: Weights & Biases project; setting it turns on wandb reporting.
-        wandb_run_name: Weights & Biases run name.
-        resume_from_checkpoint: A checkpoint folder to resume from, or True for the latest in output_dir.
     """
+    settings = dict(locals())  # the flags as given, saved in medlora_run.json
+    # Imported here, not at the top, so that --help answers without loading torch and transformers.
+    from medlora import distributed
+    from medlora.modeling import (
+        count_parameters,
+        fit_embeddings_to_tokenizer,
+        load_base_model,
+        load_tokenizer,
+        resolve_base_model,
+        resolve_lora_targets,
+        resolve_precision,
+        trainable_parameters_to_fp32,
+    )
+    from medlora.pretraining import (
+        group_into_blocks,
+        load_documents,
+        tokenize_documents,
+    )
+    from medlora.saving import save_trained_model
+    from medlora.training import (
+        LabelOnlyLossTrainer,
+        PaddedCollator,
+        check_numeric_flags,
+        gradient_accumulation_steps_for,
+        prepare_quantized_for_training,
+        resolve_report_to,
+        resolve_resume_checkpoint,
+        shared_training_arguments,
+        split_validation,
+        training_loss_change,
+    )
+
     started = time.time()
-    settings = dict(locals())
     world_size, is_main = distributed.world_size(), distributed.is_main_process()
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
+    check_numeric_flags(settings)
     gradient_accumulation_steps = gradient_accumulation_steps_for(batch_size, micro_batch_size)
     if not use_lora and (load_in_4bit or load_in_8bit):
         raise MedLoRAError("--load_in_4bit/--load_in_8bit need LoRA: quantized weights cannot be trained directly")
@@ -222,8 +215,8 @@ def pretrain(
         tokens = len(train_blocks.blocks) * block_size * result.metrics.get("epoch", num_epochs)
         ppl = (f"; validation perplexity {perplexity_before:.2f} -> {perplexity_after:.2f}"
                if perplexity_before is not None else "")
-        print(f"done in {time.time() - started:.0f}s: {result.global_step} steps, final training loss "
-              f"{result.training_loss:.4f}{ppl}, ~{tokens / max(result.metrics['train_runtime'], 1e-9):.0f} tokens/s; "
+        print(f"done in {time.time() - started:.0f}s: {result.global_step} steps, "
+              f"{training_loss_change(trainer.state.log_history)}{ppl}, ~{tokens / max(result.metrics['train_runtime'], 1e-9):.0f} tokens/s; "
               f"{'adapter' if use_lora else 'model'} in {output_dir}")
     return trainer
 

@@ -19,39 +19,14 @@ tokenizer, medlora_run.json) is what `rl.py --reward_model OUTPUT_DIR` loads.
 import logging
 import time
 
-import torch
-from huggingface_hub import constants as hub_constants
-
-from medlora import cli, distributed
+from medlora import cli
 from medlora.builtin_models import DEFAULT_BASE_MODEL, default_template_for
 from medlora.errors import MedLoRAError
-from medlora.modeling import (
-    count_parameters,
-    fit_embeddings_to_tokenizer,
-    load_base_model,
-    load_tokenizer,
-    resolve_base_model,
-    resolve_lora_targets,
-    resolve_precision,
-    trainable_parameters_to_fp32,
-)
 from medlora.paths import DATA_DIR
-from medlora.preference import encode_pairs, load_preference_pairs
-from medlora.saving import save_trained_model
 from medlora.templates import PromptTemplate
-from medlora.training import (
-    MarkCompleteCheckpoints,
-    gradient_accumulation_steps_for,
-    prepare_quantized_for_training,
-    resolve_report_to,
-    resolve_resume_checkpoint,
-    shared_training_arguments,
-    split_validation,
-)
 
 DEFAULT_DATA = str(DATA_DIR / "preference")
 SCORE_HEAD_NAMES = ("score", "classifier")  # what transformers calls the head of *ForSequenceClassification
-hub_constants.HF_HUB_DISABLE_TELEMETRY = True  # TRL's trainers report usage to the Hub; MedLoRA sends nothing
 logger = logging.getLogger("reward")
 
 
@@ -106,34 +81,45 @@ def train(
         batch_size: Pairs per optimizer step, all processes together.
         micro_batch_size: Pairs per forward pass on one device; accumulation makes up the rest.
         num_epochs: Passes over the training pairs.
-        max_steps: If > 0, stop after this many optimizer steps (overrides num_epochs).
-        learning_rate: Peak learning rate (linear warmup, then linear decay).
-        warmup_steps: Optimizer steps of linear warmup.
         cutoff_len: Maximum tokens of prompt + reply; longer replies are cut, pairs whose prompt fills it are dropped.
         val_set_size: Pairs held out for validation: a count, or a fraction when below 1; 0 for none.
         seed: Seed for the split, the shuffling, the score head and LoRA initialisation.
-        lora_r: LoRA rank.
-        lora_alpha: LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).
-        lora_dropout: Dropout on the LoRA input.
-        lora_target_modules: Module names (comma-separated or a list), or all-linear; default: the architecture's usual attention projections.
-        precision: auto (GPU: bf16, else fp16; CPU: bf16 autocast where it has AMX/AVX512-BF16, else fp32), fp32, bf16, bf16-mixed (bf16 autocast, fp32 weights) or fp16.
-        load_in_4bit: QLoRA: load the base in 4-bit NF4 with double quantization (bitsandbytes).
-        load_in_8bit: Load the base in 8-bit (bitsandbytes).
-        gradient_checkpointing: Recompute activations in the backward pass (non-reentrant): less memory, slower (about one more forward pass per step).
-        trust_remote_code: Run the model repository's own Python code (only for repositories you trust).
         logging_steps: Log the loss, accuracy and margin every this many optimizer steps.
         eval_steps: Evaluate on the validation pairs every this many optimizer steps.
-        save_steps: Write a resumable checkpoint every this many optimizer steps.
-        save_total_limit: Keep at most this many checkpoints.
-        report_to: none, tensorboard (logs under output_dir/runs) or wandb.
-        wandb_project: Weights & Biases project; setting it turns on wandb reporting.
-        wandb_run_name: Weights & Biases run name.
-        resume_from_checkpoint: A checkpoint folder to resume from, or True for the latest in output_dir.
     """
+    settings = dict(locals())  # the flags as given, saved in medlora_run.json
+    # Imported here, not at the top, so that --help answers without loading torch and transformers.
+    import torch
+
+    from medlora import distributed
+    from medlora.modeling import (
+        count_parameters,
+        fit_embeddings_to_tokenizer,
+        load_base_model,
+        load_tokenizer,
+        resolve_base_model,
+        resolve_lora_targets,
+        resolve_precision,
+        trainable_parameters_to_fp32,
+    )
+    from medlora.preference import encode_pairs, load_preference_pairs
+    from medlora.saving import save_trained_model
+    from medlora.training import (
+        MarkCompleteCheckpoints,
+        check_numeric_flags,
+        gradient_accumulation_steps_for,
+        prepare_quantized_for_training,
+        resolve_report_to,
+        resolve_resume_checkpoint,
+        shared_training_arguments,
+        split_validation,
+        training_loss_change,
+    )
+
     started = time.time()
-    settings = dict(locals())
     world_size, is_main = distributed.world_size(), distributed.is_main_process()
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
+    check_numeric_flags(settings)
     gradient_accumulation_steps = gradient_accumulation_steps_for(batch_size, micro_batch_size)
     report_to = resolve_report_to(report_to, wandb_project)
     resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
@@ -232,8 +218,8 @@ def train(
                         gradient_accumulation_steps=gradient_accumulation_steps,
                         pairwise_metrics={"measured_on": measured_on, **metrics})
         save_trained_model(trainer.model, tokenizer, output_dir, settings, trainer.state.log_history)
-        print(f"done in {time.time() - started:.0f}s: {result.global_step} steps, final training loss "
-              f"{result.training_loss:.4f}; on the {measured_on} pairs, pairwise accuracy "
+        print(f"done in {time.time() - started:.0f}s: {result.global_step} steps, "
+              f"{training_loss_change(trainer.state.log_history)}; on the {measured_on} pairs, pairwise accuracy "
               f"{metrics['accuracy']['before']:.3f} -> {metrics['accuracy']['after']:.3f}, margin "
               f"{metrics['margin']['before']:.4f} -> {metrics['margin']['after']:.4f}; reward model in {output_dir}")
     return trainer

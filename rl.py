@@ -21,46 +21,13 @@ The output folder is an adapter that chat.py, generate.py and evaluate.py load w
 import logging
 import random
 import time
-from pathlib import Path
 
-from huggingface_hub import constants as hub_constants
-
-from medlora import cli, distributed
+from medlora import cli
 from medlora.errors import MedLoRAError
-from medlora.modeling import (
-    continued_adapter_defaults,
-    count_parameters,
-    fit_embeddings_to_tokenizer,
-    load_base_model,
-    load_tokenizer,
-    lora_for_trl_trainer,
-    resolve_base_model,
-    resolve_precision,
-)
 from medlora.paths import DATA_DIR
-from medlora.preference import load_reward_model, restore_fp32_adapter
-from medlora.rewards import (
-    PromptIdsGRPOTrainer,
-    load_prompts,
-    mean_greedy_reward,
-    model_reward,
-    rule_reward,
-)
-from medlora.run_settings import load_run_settings
-from medlora.saving import save_trained_model
 from medlora.templates import PromptTemplate
-from medlora.tokenization import ConversationEncoder
-from medlora.training import (
-    MarkCompleteCheckpoints,
-    gradient_accumulation_steps_for,
-    prepare_quantized_for_training,
-    resolve_report_to,
-    resolve_resume_checkpoint,
-    shared_training_arguments,
-)
 
 DEFAULT_DATA = str(DATA_DIR / "preference")
-hub_constants.HF_HUB_DISABLE_TELEMETRY = True  # TRL's trainers report usage to the Hub; MedLoRA sends nothing
 logger = logging.getLogger("rl")
 
 
@@ -131,32 +98,57 @@ def train(
         batch_size: Replies per optimizer step, all processes together (prompts x num_generations).
         micro_batch_size: Replies per forward pass on one device; accumulation makes up the rest.
         num_epochs: Passes over the prompts.
-        max_steps: If > 0, stop after this many optimizer steps (overrides num_epochs).
-        learning_rate: Peak learning rate (linear warmup, then linear decay).
-        warmup_steps: Optimizer steps of linear warmup.
         eval_prompts: How many prompts the before/after mean reward (greedy replies) is measured on; 0 to skip.
         seed: Seed for the prompt order, the sampling, LoRA initialisation and dropout.
         lora_r: LoRA rank of a fresh adapter.
         lora_alpha: LoRA scaling numerator of a fresh adapter.
         lora_dropout: Dropout on the LoRA input of a fresh adapter.
         lora_target_modules: Module names (comma-separated or a list), or all-linear, for a fresh adapter.
-        precision: auto (GPU: bf16, else fp16; CPU: bf16 autocast where it has AMX/AVX512-BF16, else fp32), fp32, bf16, bf16-mixed (bf16 autocast, fp32 weights) or fp16.
         load_in_4bit: QLoRA: load the policy's base in 4-bit NF4 (and the reward model's too).
         load_in_8bit: Load the policy's base (and the reward model's) in 8-bit.
-        gradient_checkpointing: Recompute activations in the backward pass (non-reentrant): less memory, slower (about one more forward pass per step).
-        trust_remote_code: Run the model repository's own Python code (only for repositories you trust).
         logging_steps: Log the reward, reply length and loss every this many optimizer steps.
-        save_steps: Write a resumable checkpoint every this many optimizer steps.
-        save_total_limit: Keep at most this many checkpoints.
-        report_to: none, tensorboard (logs under output_dir/runs) or wandb.
-        wandb_project: Weights & Biases project; setting it turns on wandb reporting.
-        wandb_run_name: Weights & Biases run name.
-        resume_from_checkpoint: A checkpoint folder to resume from, or True for the latest in output_dir.
     """
+    settings = dict(locals())  # the flags as given, saved in medlora_run.json
+    # Imported here, not at the top, so that --help answers without loading torch and transformers.
+    from medlora import distributed
+    from medlora.modeling import (
+        continued_adapter_defaults,
+        count_parameters,
+        fit_embeddings_to_tokenizer,
+        load_base_model,
+        load_tokenizer,
+        lora_for_trl_trainer,
+        resolve_base_model,
+        resolve_precision,
+    )
+    from medlora.preference import (
+        checked_reward_model,
+        load_reward_model,
+        restore_fp32_adapter,
+    )
+    from medlora.rewards import (
+        PromptIdsGRPOTrainer,
+        load_prompts,
+        mean_greedy_reward,
+        model_reward,
+        rule_reward,
+    )
+    from medlora.saving import save_trained_model
+    from medlora.tokenization import ConversationEncoder
+    from medlora.training import (
+        MarkCompleteCheckpoints,
+        check_numeric_flags,
+        gradient_accumulation_steps_for,
+        prepare_quantized_for_training,
+        resolve_report_to,
+        resolve_resume_checkpoint,
+        shared_training_arguments,
+    )
+
     started = time.time()
-    settings = dict(locals())
     world_size, is_main = distributed.world_size(), distributed.is_main_process()
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
+    check_numeric_flags(settings)
     gradient_accumulation_steps = gradient_accumulation_steps_for(batch_size, micro_batch_size)
     if num_generations < 2 or batch_size % num_generations:
         raise MedLoRAError(f"--batch_size {batch_size} must be a multiple of --num_generations {num_generations} "
@@ -165,10 +157,8 @@ def train(
         raise MedLoRAError("--temperature must be > 0 and --top_p in (0, 1]: GRPO learns from sampled replies")
     report_to = resolve_report_to(report_to, wandb_project)
     base_model, prompt_template_name = continued_adapter_defaults(lora_weights, base_model, prompt_template_name)
-    if reward_model and not Path(reward_model, "adapter_config.json").is_file():
-        raise MedLoRAError(f"--reward_model {reward_model}: no adapter_config.json; is this a folder MedLoRA wrote?")
-    if reward_model and load_run_settings(reward_model).get("stage") != "reward":
-        raise MedLoRAError(f"--reward_model {reward_model}: not a reward model written by reward.py")
+    if reward_model:
+        checked_reward_model(reward_model)
     resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
 
     # ---- data: every prompt read and tokenized once (on rank 0), before any model is loaded ----------------

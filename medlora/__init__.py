@@ -37,6 +37,9 @@ import warnings
 # it is set here, before any script imports torch; an explicit OMP_WAIT_POLICY wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# TRL's trainers report usage to the Hub; MedLoRA sends nothing. Read when huggingface_hub loads.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
 __version__ = "0.1.0"
 
 # PEFT 0.21 calls transformers 5's deprecated `is_gradient_checkpointing` inside get_peft_model: a warning

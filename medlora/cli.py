@@ -10,6 +10,14 @@ import sys
 
 from medlora.errors import MedLoRAError, exit_on_error
 
+# What a stage in progress wants said when the user presses Ctrl-C (set by the training callbacks).
+_interrupt_note = ["interrupted"]
+
+
+def note_for_interrupt(text: str) -> None:
+    _interrupt_note[0] = text
+
+
 FIRE_FLAGS = {"help", "h", "interactive", "i", "separator", "completion", "trace", "verbose", "v"}
 
 
@@ -33,16 +41,30 @@ def unknown_flag_error(function, argv: list) -> str | None:
 
 
 def run(function) -> None:
-    """Run `function` as the script's command: flags checked first, bad input as a one-line error (exit 2),
-    the process group closed at the end under torchrun, and the return value not printed."""
-    import fire
+    """Run `function` as the script's command: --help from the shared flag descriptions, old flag names under
+    their current ones, flags checked first, bad input as a one-line error (exit 2), the process group closed
+    at the end under torchrun, and the return value not printed."""
+    from medlora.flags import canonical_argv, help_text
 
-    from medlora.distributed import stage_command
+    argv = canonical_argv(function, sys.argv[1:])
+    if any(argument in ("--help", "-h") for argument in argv[:argv.index("--") if "--" in argv else None]):
+        script = sys.modules.get("__main__")
+        print(help_text(function, getattr(script, "__doc__", ""), sys.argv[0]), end="")
+        return
 
     def main():
-        problem = unknown_flag_error(function, sys.argv[1:])
+        import fire
+
+        from medlora.distributed import stage_command
+
+        problem = unknown_flag_error(function, argv)
         if problem:
             raise MedLoRAError(problem)
-        fire.Fire(stage_command(function))
+        fire.Fire(stage_command(function), command=argv)
 
-    exit_on_error(main)
+    try:
+        exit_on_error(main)
+    except KeyboardInterrupt:
+        # One line and the shell's status for SIGINT (128 + 2), not a traceback from deep in the trainer.
+        print(f"\n{_interrupt_note[0]}", file=sys.stderr)
+        sys.exit(130)

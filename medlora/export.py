@@ -24,7 +24,7 @@ from medlora.modeling import (
     load_tokenizer,
     resolve_base_model,
 )
-from medlora.run_settings import load_run_settings
+from medlora.run_folder import RunFolder
 
 EXPORT_NOTE_FILE = "medlora_export.json"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -51,20 +51,11 @@ class ExportInputs:
 
 def resolve_inputs(base_model: str, lora_weights: str) -> ExportInputs:
     """The adapter folder, and the base it was trained on unless --base_model names another."""
-    if not lora_weights:
-        raise MedLoRAError("--lora_weights is empty; give the adapter folder that finetune.py wrote")
-    adapter = Path(str(lora_weights)).expanduser()
-    if not (adapter / "adapter_config.json").is_file():
-        raise MedLoRAError(f"--lora_weights {lora_weights}: no adapter_config.json there; give the adapter folder "
-                           "that finetune.py wrote (download a hub adapter first: hf download "
-                           "OWNER/NAME --local-dir ./NAME)")
-    settings = load_run_settings(adapter)
+    adapter = RunFolder.adapter(lora_weights, allow_hub=False)
+    base_model, _ = adapter.inherit(base_model)
     if not base_model:
-        peft_config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-        base_model = settings.get("base_model") or peft_config.get("base_model_name_or_path")
-    if not base_model:
-        raise MedLoRAError(f"--base_model is needed: {adapter} does not name the base model it was trained on")
-    return ExportInputs(str(base_model), resolve_base_model(str(base_model)), adapter, settings)
+        raise MedLoRAError(f"--base_model is needed: {adapter.path} does not name the base model it was trained on")
+    return ExportInputs(str(base_model), resolve_base_model(str(base_model)), adapter.path, adapter.settings)
 
 
 def resolve_dtype(name: str, model_path: str, trust_remote_code=False) -> torch.dtype:

@@ -155,21 +155,22 @@ class ChatModel:
         self.eos_token_ids = self._eos_token_ids()
 
     @classmethod
-    def load(cls, base_model: str | None = None, lora_weights: str | None = None, load_8bit=False, load_4bit=False,
-             prompt_template: str | None = None, device: str | None = None, precision: str = "auto",
-             trust_remote_code=False, max_context: int | None = None) -> "ChatModel":
-        if prompt_template:
-            PromptTemplate.load(prompt_template)  # fail on a bad name before loading the model
-        if lora_weights and not Path(str(lora_weights)).exists() and str(lora_weights).startswith((".", "/", "~")):
-            raise MedLoRAError(f"--lora_weights {lora_weights}: no such folder")
+    def load(cls, base_model: str | None = None, lora_weights: str | None = None, load_in_8bit=False,
+             load_in_4bit=False, prompt_template_name: str | None = None, device: str | None = None,
+             precision: str = "auto", trust_remote_code=False, max_context: int | None = None) -> "ChatModel":
+        if prompt_template_name:
+            PromptTemplate.load(prompt_template_name)  # fail on a bad name before loading the model
         from medlora.modeling import load_for_inference
+        from medlora.run_folder import RunFolder
 
-        inference = load_for_inference(base_model or None, lora_weights or None, load_in_4bit=load_4bit,
-                                       load_in_8bit=load_8bit, device=device or None, precision=precision,
+        adapter = RunFolder.adapter(lora_weights) if lora_weights else None  # checked before the base loads
+        inference = load_for_inference(base_model or None, adapter, load_in_4bit=load_in_4bit,
+                                       load_in_8bit=load_in_8bit, device=device or None, precision=precision,
                                        trust_remote_code=trust_remote_code)
-        if load_8bit:
+        if load_in_8bit:
             # bitsandbytes logs its fp16 cast on every matmul of an fp32 (CPU) model: once is enough
             logging.getLogger("bitsandbytes.autograd._functions").addFilter(OnceFilter())
+        prompt_template = prompt_template_name
         if not (prompt_template or inference.template_name):
             prompt_template = exported_template(base_model)
         return cls(inference, prompt_template, max_context, lora_weights or None)

@@ -18,13 +18,65 @@ from medlora.errors import MedLoRAError
 logger = logging.getLogger(__name__)
 
 
-def resolve_base_model(base_model: str) -> str:
-    """A hub id or local folder as given; a built-in model is built into the cache on first use."""
+def _quiet_weight_loading(factory, args, kwargs):
+    """transformers draws a "Loading weights" bar for every model it loads, even a 1.5M-parameter one in a
+    test; MedLoRA's own status lines say what is loading. Other bars (downloads, training) are kept."""
+    if kwargs.get("desc") == "Loading weights":
+        kwargs = {**kwargs, "disable": True}
+    return factory(*args, **kwargs)
+
+
+def _install_quiet_weight_loading():
+    from transformers.utils import logging as transformers_logging
+
+    if hasattr(transformers_logging, "set_tqdm_hook"):
+        transformers_logging.set_tqdm_hook(_quiet_weight_loading)
+
+
+_install_quiet_weight_loading()
+
+
+def resolve_base_model(base_model: str, flag: str = "--base_model") -> str:
+    """A hub id or local folder as given, checked before anything loads; a built-in model is built into the
+    cache on first use."""
+    from medlora.run_folder import looks_like_local_path
+
     if not base_model:
-        raise MedLoRAError("--base_model is empty; give a hub id (e.g. meta-llama/Llama-3.1-8B) or a local folder")
+        raise MedLoRAError(f"{flag} is empty; give a hub id (e.g. meta-llama/Llama-3.1-8B) or a local folder")
     if is_builtin(base_model):
         return str(builtin_model(base_model).build())
+    folder = Path(str(base_model)).expanduser()
+    if looks_like_local_path(base_model):
+        if not folder.is_dir():
+            raise MedLoRAError(f"{flag} {base_model}: no such model folder")
+        if not (folder / "config.json").is_file():
+            raise MedLoRAError(f"{flag} {base_model}: no config.json there; give a model folder (save_pretrained "
+                               "or hf download writes one) or a hub id")
+        return str(folder)
+    check_hub_reachable(str(base_model), flag)
     return base_model
+
+
+def check_hub_reachable(repo_id: str, flag: str, filename: str = "config.json") -> None:
+    """A hub id that is neither in the local cache nor reachable stops here with one line, instead of a minute of
+    download retries and a traceback."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, filename), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise MedLoRAError(f"{flag} {repo_id}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set; "
+                           "download it first (hf download) or give a local folder")
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as error:
+        raise MedLoRAError(f"{flag} {repo_id}: not in the local Hugging Face cache and {host} cannot be reached "
+                           f"({error.strerror or error}); download it on a connected machine or give a local "
+                           "folder") from None
 
 
 # ---- devices and precision ---------------------------------------------------------------------------------
@@ -227,22 +279,26 @@ class InferenceModel:
         return next(self.model.parameters()).device
 
 
-def load_for_inference(base_model: str | None = None, lora_weights: str | None = None, load_in_4bit=False,
+def load_for_inference(base_model: str | None = None, lora_weights=None, load_in_4bit=False,
                        load_in_8bit=False, device: str | None = None, precision: str = "auto",
                        trust_remote_code=False) -> InferenceModel:
     """Load a base model with an optional LoRA adapter for generation or evaluation.
 
+    lora_weights is an adapter folder, a hub adapter id or a RunFolder already read.
     base_model defaults to the one the adapter was trained on (from its medlora_run.json), else the
     default built-in model; the tokenizer is the adapter's own copy when it has one (it may carry an added pad token).
     """
-    from medlora.run_settings import load_run_settings
+    from medlora.run_folder import RunFolder
 
-    settings = load_run_settings(lora_weights) if lora_weights else {}
-    if lora_weights and not (Path(str(lora_weights)) / "adapter_config.json").is_file() and not settings:
-        if Path(str(lora_weights)).exists():
-            raise MedLoRAError(f"{lora_weights}: no adapter_config.json; is this a LoRA adapter folder?")
-    base_model = base_model or settings.get("base_model")
-    if not base_model and lora_weights:
+    adapter = lora_weights if isinstance(lora_weights, RunFolder) else RunFolder.adapter(lora_weights) if lora_weights \
+        else None
+    lora_weights = (adapter.hub_id or str(adapter.path)) if adapter else None
+    settings = adapter.settings if adapter else {}
+    if adapter:
+        base_model, _ = adapter.inherit(base_model)
+    if adapter and adapter.hub_id:
+        check_hub_reachable(adapter.hub_id, "--lora_weights", "adapter_config.json")
+    if not base_model and adapter and adapter.hub_id:
         from peft import PeftConfig
 
         base_model = PeftConfig.from_pretrained(lora_weights).base_model_name_or_path
@@ -250,7 +306,7 @@ def load_for_inference(base_model: str | None = None, lora_weights: str | None =
             raise MedLoRAError(f"{lora_weights}: the adapter does not name its base model; pass --base_model")
     base_model = base_model or DEFAULT_BASE_MODEL
     model_path = resolve_base_model(base_model)
-    has_own_tokenizer = lora_weights and (Path(str(lora_weights)) / "tokenizer_config.json").is_file()
+    has_own_tokenizer = adapter is not None and adapter.has_tokenizer
     tokenizer = load_tokenizer(str(lora_weights) if has_own_tokenizer else model_path, trust_remote_code)
     model = load_base_model(model_path, choose_dtype(precision), load_in_4bit, load_in_8bit, trust_remote_code, device)
     fit_embeddings_to_tokenizer(model, tokenizer)
@@ -275,13 +331,13 @@ def trainable_parameters_to_fp32(model) -> None:
 def continued_adapter_defaults(lora_weights: str, base_model: str, prompt_template_name: str) -> tuple:
     """(base model, template) for a stage that continues --lora_weights: the flags when given, else what
     the adapter was trained with (its medlora_run.json), else the default base model and its template."""
-    from medlora.run_settings import load_run_settings
+    from medlora.run_folder import RunFolder
 
-    if lora_weights and not Path(lora_weights, "adapter_config.json").is_file():
-        raise MedLoRAError(f"--lora_weights {lora_weights}: no adapter_config.json; is this an adapter folder?")
-    trained_with = load_run_settings(lora_weights) if lora_weights else {}
-    base_model = base_model or trained_with.get("base_model") or DEFAULT_BASE_MODEL
-    return base_model, prompt_template_name or trained_with.get("prompt_template_name") or default_template_for(base_model)
+    if lora_weights:
+        base_model, prompt_template_name = RunFolder.adapter(lora_weights, allow_hub=False).inherit(
+            base_model, prompt_template_name)
+    base_model = base_model or DEFAULT_BASE_MODEL
+    return base_model, prompt_template_name or default_template_for(base_model)
 
 
 def lora_for_trl_trainer(model, lora_weights, lora_target_modules, lora_r, lora_alpha, lora_dropout) -> tuple:

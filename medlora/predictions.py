@@ -33,15 +33,17 @@ class PredictionRecord:
 
 
 def read_prediction_records(data_file) -> list:
-    """Questions to answer, in any format medlora.records reads: alpaca records (output optional), or
-    messages/sharegpt records ending with the user's turn. A record that ends with an assistant reply
+    """Questions to answer, in any format medlora.records reads: alpaca records (output optional),
+    messages/sharegpt records ending with the user's turn, or plain strings (one question each). A record that ends with an assistant reply
     keeps it as the reference answer, which is not shown to the model."""
     path = Path(str(data_file)).expanduser()
     if not path.is_file():
         raise MedLoRAError(f"--data_file {data_file}: no such file")
     if path.suffix not in SUPPORTED_SUFFIXES:
         raise MedLoRAError(f"--data_file {data_file}: unsupported file type; use {', '.join(SUPPORTED_SUFFIXES)}")
-    raw = read_file_records(path)
+    # A plain list of questions (data/sample_questions.json) is a list of instructions.
+    raw = [(number, {"instruction": record} if isinstance(record, str) else record)
+           for number, record in read_file_records(path)]
     if not raw:
         raise MedLoRAError(f"{path}: no records (empty file)")
     fmt = detect_format(rename_fields(raw[0][1], {}, str(path), raw[0][0]), str(path), raw[0][0])

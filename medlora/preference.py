@@ -14,7 +14,6 @@ is a one-line MedLoRAError naming the file, the record and the field.
 
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from medlora.errors import MedLoRAError
 from medlora.records import (
@@ -64,11 +63,14 @@ class EncodedPairs:
 
 
 # ---- reading and validation ------------------------------------------------------------------------------
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "system", "history", "conversations", "messages")
+
+
 def load_preference_pairs(data_path, field_map=None, skip_bad_records=False) -> LoadedPreferences:
     """Read and validate every record of a file, a folder of files or a hub dataset (records.validate_records)."""
     loaded = LoadedPreferences([])
     loaded.pairs, loaded.formats, loaded.skipped = validate_records(
-        data_path, field_map, detect_preference_format, to_preference_pair, skip_bad_records)
+        data_path, field_map, detect_preference_format, to_preference_pair, skip_bad_records, PREFERENCE_FIELDS)
     return loaded
 
 
@@ -214,6 +216,16 @@ def restore_fp32_adapter(model) -> None:
 
 
 # ---- reward models ---------------------------------------------------------------------------------------
+def checked_reward_model(reward_model: str):
+    """The --reward_model folder, refused at once unless reward.py wrote it."""
+    from medlora.run_folder import RunFolder
+
+    folder = RunFolder.adapter(reward_model, flag="--reward_model", allow_hub=False)
+    if folder.stage != "reward":
+        raise MedLoRAError(f"--reward_model {reward_model}: not a reward model folder written by reward.py")
+    return folder
+
+
 def load_reward_model(reward_model: str, load_in_4bit=False, load_in_8bit=False, device=None, precision="auto",
                       trust_remote_code=False):
     """A reward model written by reward.py: (model, tokenizer, run settings); the base comes from medlora_run.json."""
@@ -228,11 +240,7 @@ def load_reward_model(reward_model: str, load_in_4bit=False, load_in_8bit=False,
         load_tokenizer,
         resolve_base_model,
     )
-    from medlora.run_settings import load_run_settings
-
-    settings = load_run_settings(reward_model)
-    if not (Path(reward_model) / "adapter_config.json").is_file() or settings.get("stage") != "reward":
-        raise MedLoRAError(f"--reward_model {reward_model}: not a reward model folder written by reward.py")
+    settings = checked_reward_model(reward_model).settings
     tokenizer = load_tokenizer(reward_model, trust_remote_code)
     with suppress_seqcls_warning():  # the base has an LM head and no score head yet: expected, not worth a warning
         model = load_base_model(resolve_base_model(settings["base_model"]), choose_dtype(precision), load_in_4bit,

@@ -10,11 +10,11 @@ exactly `block_size` tokens. The tail shorter than a block is dropped and counte
 one-line MedLoRAErrors naming the file, the record and the field.
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medlora.errors import MedLoRAError
+from medlora.records import parse_json_records, read_text
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 
@@ -60,30 +60,11 @@ def load_documents(data_path, text_field: str = "text") -> LoadedText:
 
 
 def read_text_file(path: Path, text_field: str) -> list:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise MedLoRAError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    text = read_text(path)
     if path.suffix == ".txt":
         return [line.strip() for line in text.splitlines() if line.strip()]
-    if text.lstrip().startswith("["):
-        try:
-            records = list(enumerate(json.loads(text), start=1))
-        except json.JSONDecodeError as error:
-            raise MedLoRAError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: "
-                               f"{error.msg}") from None
-    else:
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((number, json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise MedLoRAError(f"{path}: record {number}: invalid JSON: {error.msg} "
-                                   f"(column {error.colno})") from None
     documents = []
-    for number, record in records:
+    for number, record in parse_json_records(text, path):
         where = f"{path}: record {number}"
         if not isinstance(record, dict):
             raise MedLoRAError(f"{where}: expected a JSON object with a '{text_field}' field, "

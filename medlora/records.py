@@ -38,8 +38,13 @@ class LoadedData:
         return "; ".join(f"{source}: {fmt}, {count} records" for source, (fmt, count) in self.formats.items())
 
 
-def parse_field_map(field_map) -> dict:
-    """--field_map '{"input": "question", "output": "answer"}': our field name -> the file's column name."""
+# The field names --field_map may map to (ours); a stage reading other records passes its own.
+CONVERSATION_FIELDS = ("instruction", "input", "output", "history", "system", "conversations", "messages")
+
+
+def parse_field_map(field_map, known_fields=CONVERSATION_FIELDS) -> dict:
+    """--field_map '{"input": "question", "output": "answer"}': our field name -> the file's column name;
+    a key that is none of our fields, or two of ours mapped to one column, is refused naming the key."""
     if field_map is None or field_map == "":
         return {}
     if isinstance(field_map, str):
@@ -49,6 +54,18 @@ def parse_field_map(field_map) -> dict:
             raise MedLoRAError(f"--field_map: not a JSON object: {error}") from None
     if not isinstance(field_map, dict) or not all(isinstance(v, str) for v in field_map.values()):
         raise MedLoRAError("--field_map: must map our field names to column names, e.g. '{\"output\": \"answer\"}'")
+    for ours in field_map:
+        if ours not in known_fields:
+            close = [name for name in known_fields if name.startswith(ours[:3])]
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise MedLoRAError(f"--field_map: key '{ours}' is not one of our fields{hint}; the keys are ours "
+                               f"({', '.join(known_fields)}), the values your columns")
+    columns = list(field_map.values())
+    for ours, theirs in field_map.items():
+        if columns.count(theirs) > 1:
+            others = [key for key, value in field_map.items() if value == theirs and key != ours]
+            raise MedLoRAError(f"--field_map: keys '{ours}' and '{others[0]}' both map to column '{theirs}'; "
+                               "each column can fill one field")
     return dict(field_map)
 
 
@@ -60,11 +77,12 @@ def load_conversations(data_path, field_map=None, skip_bad_records=False) -> Loa
     return loaded
 
 
-def validate_records(data_path, field_map, detect, convert, skip_bad_records=False) -> tuple:
+def validate_records(data_path, field_map, detect, convert, skip_bad_records=False,
+                     known_fields=CONVERSATION_FIELDS) -> tuple:
     """(items, {source: (format, records)}, Counter of skipped reasons): every record of every source is
     checked, so that one run reports all the bad ones (the first MAX_PROBLEMS_SHOWN of them, and how many
     more), and nothing is trained. With skip_bad_records they are dropped instead, and counted by reason."""
-    field_map = parse_field_map(field_map)
+    field_map = parse_field_map(field_map, known_fields)
     items, formats, problems = [], {}, []
     for source, records in read_sources(data_path):
         fmt = None
@@ -112,16 +130,34 @@ def read_sources(data_path) -> list:
 
 
 # ---- reading -----------------------------------------------------------------------------------------
+def read_text(path: Path) -> str:
+    """A text file as UTF-8 (a leading byte-order mark is allowed); anything else is refused naming the byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise MedLoRAError(f"{path}: not UTF-8 text: byte offset {error.start} (line {line}) is "
+                           f"{data[error.start:error.start + 1]!r}; convert the file to UTF-8 "
+                           "(e.g. iconv -f GB18030 -t UTF-8)") from None
+
+
 def read_file_records(path: Path) -> list:
-    """[(record number, record dict)]; record numbers are 1-based (JSON Lines: the line number)."""
+    """[(record number, record)]; record numbers are 1-based (JSON Lines: the line number)."""
+    path = Path(path)
     if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            return list(enumerate(csv.DictReader(handle), start=1))
+        import io
+
+        return list(enumerate(csv.DictReader(io.StringIO(read_text(path), newline="")), start=1))
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return list(enumerate(pq.read_table(path).to_pylist(), start=1))
-    text = path.read_text(encoding="utf-8")
+    return parse_json_records(read_text(path), path)
+
+
+def parse_json_records(text: str, path) -> list:
+    """[(record number, record)] of a JSON array, or of JSON Lines (numbered by line; blank lines skipped)."""
     if text.lstrip().startswith("["):  # a JSON array (a .json file may also hold JSON Lines)
         try:
             records = json.loads(text)

@@ -17,7 +17,7 @@ from medlora.errors import MedLoRAError
 from medlora.generation import StopStrings
 from medlora.predictions import read_prediction_records
 from medlora.preference import load_preference_pairs, score_sequences, with_reply
-from medlora.records import SUPPORTED_SUFFIXES, read_file_records
+from medlora.records import SUPPORTED_SUFFIXES, read_file_records, read_text
 from medlora.templates import Conversation, PromptTemplate
 from medlora.tokenization import ConversationEncoder
 
@@ -41,7 +41,7 @@ def load_prompts(data_path) -> list:
     conversations = []
     for file in files:
         if file.suffix == ".txt":
-            lines = [(n, line.strip()) for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1)]
+            lines = [(n, line.strip()) for n, line in enumerate(read_text(file).splitlines(), 1)]
             found = [Conversation([{"role": "user", "content": text}], None, f"{file}: line {n}")
                      for n, text in lines if text]
         elif (records := read_file_records(file)) and isinstance(records[0][1], dict) and "chosen" in records[0][1]:

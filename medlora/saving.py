@@ -5,7 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
-from medlora.run_settings import save_run_settings
+from medlora.run_folder import RunFolder
 
 
 def save_trained_model(model, tokenizer, output_dir, settings: dict, log_history=None) -> None:
@@ -16,7 +16,7 @@ def save_trained_model(model, tokenizer, output_dir, settings: dict, log_history
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    save_run_settings(staging, settings)
+    RunFolder(staging).write_settings(settings)
     if log_history is not None:
         (staging / "training_log.json").write_text(json.dumps(log_history, indent=1) + "\n")
     check_weights_not_empty(staging)
@@ -27,18 +27,6 @@ def save_trained_model(model, tokenizer, output_dir, settings: dict, log_history
             shutil.rmtree(destination)
         item.replace(destination)
     staging.rmdir()
-
-
-def refuse_finished_run(output_dir) -> None:
-    """Stop before any work when output_dir already holds a finished run (its adapter or model and
-    medlora_run.json): training into it would replace that run's weights."""
-    from medlora.errors import MedLoRAError
-    from medlora.run_settings import RUN_SETTINGS_FILE
-
-    folder = Path(output_dir)
-    if (folder / RUN_SETTINGS_FILE).is_file() and list(folder.glob("*.safetensors")):
-        raise MedLoRAError(f"--output_dir {output_dir} already holds a finished run; pass --overwrite_output_dir to "
-                           f"replace it, --resume_from_checkpoint True to continue it, or choose another folder")
 
 
 def check_weights_not_empty(folder: Path) -> None:

@@ -49,6 +49,29 @@ def available_templates():
     return sorted(path.stem for path in TEMPLATES_DIR.glob("*.json"))
 
 
+# The placeholders each field may use; any other {name} would fail (or render wrong) mid-run.
+PLACEHOLDERS = {"system_format": {"system"}, "prompt_input": {"system", "instruction", "input"},
+                "prompt_no_input": {"system", "instruction"}, "prompt_next_turn": {"instruction"},
+                "assistant_format": {"content"}}
+
+
+def check_placeholders(spec: dict, path) -> None:
+    """Refuse a template whose field names a placeholder it cannot be given (or has a stray brace)."""
+    import string
+
+    for key, allowed in PLACEHOLDERS.items():
+        if not isinstance(spec.get(key), str):
+            continue
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(spec[key]) if name is not None}
+        except ValueError as error:
+            raise MedLoRAError(f"{path}: field '{key}': {error} (write a literal brace as {{{{ or }}}})") from None
+        unknown = sorted(names - allowed)
+        if unknown:
+            raise MedLoRAError(f"{path}: field '{key}': unknown placeholder {{{unknown[0]}}}; this field can use "
+                               + ", ".join(f"{{{name}}}" for name in sorted(allowed)))
+
+
 class PromptTemplate:
     def __init__(self, name: str, spec: dict):
         self.name = name
@@ -67,14 +90,19 @@ class PromptTemplate:
                 f"unknown prompt template '{name}': no file {path}; available: {', '.join(available_templates())}"
             )
         try:
-            spec = json.loads(path.read_text(encoding="utf-8"))
+            spec = json.loads(path.read_bytes().decode("utf-8-sig"))
+        except UnicodeDecodeError as error:
+            raise MedLoRAError(f"{path}: not UTF-8 text (byte offset {error.start})") from None
         except json.JSONDecodeError as error:
             raise MedLoRAError(f"{path}: invalid JSON: {error}") from None
+        if not isinstance(spec, dict):
+            raise MedLoRAError(f"{path}: expected a JSON object of template fields, got {type(spec).__name__}")
         if not spec.get("use_tokenizer_chat_template"):
             required = ["prompt_input", "prompt_no_input", "prompt_next_turn", "assistant_format"]
             missing = [key for key in required if not isinstance(spec.get(key), str)]
             if missing:
                 raise MedLoRAError(f"{path}: field '{missing[0]}': missing or not a string")
+            check_placeholders(spec, path)
         return cls(path.stem, spec)
 
     # ---- rendering -------------------------------------------------------------------------------

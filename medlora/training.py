@@ -25,6 +25,7 @@ from transformers import Trainer, TrainerCallback
 from medlora import distributed
 from medlora.errors import MedLoRAError
 from medlora.loss import label_only_loss
+from medlora.run_folder import CHECKPOINT_COMPLETE, RunFolder
 from medlora.tokenization import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -98,12 +99,12 @@ class LabelOnlyLossTrainer(Trainer):
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
-CHECKPOINT_COMPLETE = "medlora_checkpoint_complete"
-
-
 class MarkCompleteCheckpoints(TrainerCallback):
-    """The same marker for trainers MedLoRA does not subclass (TRL's DPO, reward and GRPO trainers):
-    on_save runs on every rank once the checkpoint is written."""
+    """Checkpoint bookkeeping for every stage's trainer (TRL's DPO, reward and GRPO trainers too): a marker in
+    each checkpoint once every rank has written it, and what Ctrl-C should tell the user at this moment."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._note_for_interrupt(args, state)
 
     def on_save(self, args, state, control, **kwargs):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -111,38 +112,56 @@ class MarkCompleteCheckpoints(TrainerCallback):
         if args.should_save:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             open(os.path.join(folder, CHECKPOINT_COMPLETE), "w").close()
+        self._note_for_interrupt(args, state)
+
+    @staticmethod
+    def _note_for_interrupt(args, state):
+        from medlora import cli
+
+        checkpoint = RunFolder(args.output_dir).latest_complete_checkpoint()
+        resume = (f"the last complete checkpoint is {checkpoint}; rerun the same command with "
+                  "--resume_from_checkpoint True to continue from it") if checkpoint else \
+            "no checkpoint was written yet, so nothing was saved"
+        cli.note_for_interrupt(f"training interrupted at step {state.global_step} of {state.max_steps}; {resume}")
 
 
-def latest_complete_checkpoint(output_dir) -> str | None:
-    """The newest checkpoint-N folder whose save finished (a run killed mid-save leaves one without the marker)."""
-    from pathlib import Path
-
-    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    complete = [p for p in folders if (p / CHECKPOINT_COMPLETE).is_file()]
-    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+def training_loss_change(log_history) -> str:
+    """First and last logged training loss, with their steps: a resumed run's log holds the earlier steps too,
+    while the Trainer's own mean divides this session's losses by all steps."""
+    logged = [entry for entry in log_history if "loss" in entry]
+    if not logged:
+        return "no training loss logged (fewer steps than --logging_steps)"
+    first, last = logged[0], logged[-1]
+    return f"training loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']})"
 
 
 # ---- arguments every stage's trainer shares -----------------------------------------------------------------
 NON_REENTRANT_CHECKPOINTING = {"use_reentrant": False}  # reentrant checkpointing loses LoRA gradients
 
 
-def check_numeric_flags(**flags) -> None:
+POSITIVE_FLAGS = ("batch_size", "micro_batch_size", "cutoff_len", "learning_rate", "lora_r", "lora_alpha", "block_size",
+                  "logging_steps", "eval_steps", "save_steps", "save_total_limit", "max_prompt_length",
+                  "max_completion_length", "max_reply_chars", "max_new_tokens")
+NON_NEGATIVE_FLAGS = ("warmup_steps", "neftune_noise_alpha", "simpo_gamma", "eval_prompts", "beta")
+UNIT_INTERVAL_FLAGS = ("lora_dropout", "warmup_ratio")  # in [0, 1)
+
+
+def check_numeric_flags(flags: dict) -> None:
     """Refuse, before any work, a numeric flag outside its range: positive counts and rates, a run that
-    has steps, a validation size that is a count or a fraction. Flags not given (None) are not checked."""
-    positive = ("batch_size", "micro_batch_size", "cutoff_len", "learning_rate", "lora_r", "lora_alpha", "block_size",
-                "logging_steps", "eval_steps", "save_steps")
+    has steps, a validation size that is a count or a fraction. flags is a stage's settings; names this
+    does not know, and flags not given (None), are not checked."""
     for name, value in flags.items():
-        if value is None:
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        if name in positive and not value > 0:
+        if name in POSITIVE_FLAGS and not value > 0:
             raise MedLoRAError(f"--{name} must be > 0; got {value}")
         if name == "val_set_size" and value < 0:
             raise MedLoRAError(f"--val_set_size must be >= 0 (a count, or a fraction below 1); got {value}")
-        if name in ("lora_dropout", "warmup_ratio") and not 0 <= value < 1:
+        if name in UNIT_INTERVAL_FLAGS and not 0 <= value < 1:
             raise MedLoRAError(f"--{name} must be in [0, 1); got {value}")
-        if name == "warmup_steps" and value < 0:
-            raise MedLoRAError(f"--warmup_steps must be >= 0; got {value}")
-    if flags.get("num_epochs") is not None and flags.get("max_steps", -1) <= 0 and not flags["num_epochs"] > 0:
+        if name in NON_NEGATIVE_FLAGS and value < 0:
+            raise MedLoRAError(f"--{name} must be >= 0; got {value}")
+    if flags.get("num_epochs") is not None and (flags.get("max_steps") or -1) <= 0 and not flags["num_epochs"] > 0:
         raise MedLoRAError(f"--num_epochs must be > 0 unless --max_steps is; got {flags['num_epochs']}")
 
 
@@ -238,14 +257,7 @@ def optimizer_steps(train_examples: int, batch_size: int, num_epochs: float, max
 
 def resolve_resume_checkpoint(resume_from_checkpoint, output_dir):
     """--resume_from_checkpoint: True (the newest complete checkpoint in output_dir), a checkpoint folder, or None."""
-    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
-        checkpoint = latest_complete_checkpoint(output_dir)
-        if checkpoint is None:
-            raise MedLoRAError(f"--resume_from_checkpoint True: no complete checkpoint in {output_dir}")
-        return checkpoint
-    if resume_from_checkpoint and not os.path.isfile(os.path.join(resume_from_checkpoint, "trainer_state.json")):
-        raise MedLoRAError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a checkpoint folder")
-    return resume_from_checkpoint or None
+    return RunFolder(output_dir).resume_checkpoint(resume_from_checkpoint)
 
 
 def split_validation(items: list, val_set_size: float, seed: int, what: str = "records") -> tuple:

@@ -476,7 +476,7 @@ def measure_generation(model_dir, train_file, device, repeats) -> dict:
     one forward per new token, the first one being the prefill."""
     from medlora.generation import ChatModel, GenerationSettings
 
-    chat = ChatModel.load(base_model=str(model_dir), prompt_template="alpaca", device=device,
+    chat = ChatModel.load(base_model=str(model_dir), prompt_template_name="alpaca", device=device,
                           precision="fp32" if device == "cpu" else "bf16")
     record = json.loads(Path(train_file).read_text(encoding="utf-8"))[0]
     messages = [{"role": "user", "content": record["instruction"], "input": record["input"]}]

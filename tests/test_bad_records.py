@@ -66,6 +66,7 @@ def test_skip_bad_records_keeps_the_rest_and_counts_each_reason(tmp_path):
                               "field 'conversations': the last turn must be the assistant's reply": 1}
 
 
+@pytest.mark.slow
 def test_finetune_refuses_a_file_with_bad_records_then_trains_on_the_rest_when_asked(tmp_path):
     data = write_multiturn(tmp_path / "chats.jsonl", BAD)
     output_dir = tmp_path / "out"

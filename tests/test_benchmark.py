@@ -98,6 +98,7 @@ def test_write_section_ignores_markers_quoted_in_prose(tmp_path):
     assert doc.read_text() == f"# B\n\n{prose}\n<!-- benchmark:cpu:begin -->\nnew\n<!-- benchmark:cpu:end -->\n"
 
 
+@pytest.mark.slow
 def test_bad_flags_fail_with_one_line_errors():
     result = run_script(SCRIPT, "--configs", "medlora,nosuch", "--no_write", check=False)
     assert result.returncode == 2
@@ -106,6 +107,7 @@ def test_bad_flags_fail_with_one_line_errors():
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: --device")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: --device cuda would run the GPU bench")
 def test_cuda_bench_without_a_gpu_is_a_clear_error():
     shared_dataset("chatdoctor/genmedgpt_5k.json")

@@ -67,6 +67,7 @@ def test_unknown_builtin_names_the_built_in_models():
         modeling.resolve_base_model("builtin:gpt-17")
 
 
+@pytest.mark.slow
 def test_defaults_real_model_with_its_own_chat_template():
     import inspect
 
@@ -107,6 +108,7 @@ def test_warmup_is_a_ratio_by_default_and_warns_when_it_takes_most_of_the_run(ca
         resolve_warmup(0, 1.5, 12)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_training_stays_within_2_percent_of_fp32(tmp_path):
     """bf16-mixed (what --precision auto picks on AMX/AVX512-BF16 CPUs) against the fp32 reference, same batches."""
     losses = {}
@@ -125,6 +127,7 @@ def test_bf16_autocast_training_stays_within_2_percent_of_fp32(tmp_path):
         assert abs(mixed - fp32) / fp32 < 0.02
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
 def test_idle_openmp_threads_sleep_unless_told_otherwise(given, expected):
     import os

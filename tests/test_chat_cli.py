@@ -47,6 +47,7 @@ def assistant(text):
     return {"role": "assistant", "content": text}
 
 
+@pytest.mark.slow
 def test_two_turns_reset_and_exit(tiny_adapter, adapter_chat):
     child = spawn_chat(tiny_adapter, *GREEDY_FLAGS)
     first = ask(child, FIRST)
@@ -70,6 +71,7 @@ def test_two_turns_reset_and_exit(tiny_adapter, adapter_chat):
     assert child.exitstatus == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_an_answer_and_keeps_the_session(tiny_adapter):
     # a long greedy answer (the tiny adapter does not stop early), interrupted after its first words
     child = spawn_chat(tiny_adapter, "--temperature", "0", "--repetition_penalty", "3", "--max_new_tokens", "1900")
@@ -88,6 +90,7 @@ def test_ctrl_c_stops_an_answer_and_keeps_the_session(tiny_adapter):
     assert child.exitstatus == 0
 
 
+@pytest.mark.slow
 def test_ctrl_d_quits(tiny_adapter):
     child = spawn_chat(tiny_adapter, *GREEDY_FLAGS)
     child.sendeof()
@@ -96,6 +99,7 @@ def test_ctrl_d_quits(tiny_adapter):
     assert child.exitstatus == 0
 
 
+@pytest.mark.slow
 def test_one_shot_prompt_prints_the_answer(tiny_adapter, adapter_chat):
     result = run_script("chat.py", "--lora_weights", tiny_adapter, "--prompt", FIRST, *GREEDY_FLAGS)
     assert result.stdout == adapter_chat.answer([user(FIRST)], settings=GREEDY) + "\n"
@@ -106,6 +110,7 @@ def test_one_shot_prompt_prints_the_answer(tiny_adapter, adapter_chat):
         "error: --lora_weights ./no-such-adapter: no such folder"
 
 
+@pytest.mark.slow
 def test_one_shot_answer_from_a_4bit_base(tiny_adapter):
     """QLoRA-style inference: the base in 4-bit NF4 through bitsandbytes' CPU kernels, plus the adapter."""
     result = run_script("chat.py", "--lora_weights", tiny_adapter, "--load_4bit", "--max_new_tokens", 8,

@@ -13,7 +13,7 @@ from tests.conftest import run_script
 @pytest.mark.parametrize("function, argv, expected", [
     (finetune.train, ["--micro_batchsize", "4"], "unknown flag --micro_batchsize; did you mean --micro_batch_size?"),
     (finetune.train, ["--output_dir=x", "--lerning_rate=1e-3"], "unknown flag --lerning_rate; did you mean --learning_rate?"),
-    (chat.main, ["--prompt_template_name", "chatml"], "unknown flag --prompt_template_name; did you mean --prompt_template?"),
+    (chat.main, ["--prompt_templat", "chatml"], "unknown flag --prompt_templat; did you mean --prompt_template_name?"),
     (generate.main, ["--server_prot", "7879"], "unknown flag --server_prot; did you mean --server_port?"),
     (finetune.train, ["--zzz"], "unknown flag --zzz; see --help for every flag"),
 ])
@@ -21,6 +21,7 @@ def test_unknown_flags_are_named_with_the_nearest_valid_one(function, argv, expe
     assert unknown_flag_error(function, argv) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [
     ["--micro_batch_size", "4", "--output_dir", "x"], ["--micro-batch-size=4"], ["--nopacking"], ["--packing"],
     ["--help"], ["--lora_target_modules", "q_proj,v_proj"], ["--max_steps", "-1"], ["--", "--trace"],
@@ -29,6 +30,29 @@ def test_valid_flags_pass(argv):
     assert unknown_flag_error(finetune.train, argv) is None
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["--load_8bit", "--prompt_template", "chatml"], ["--load_in_8bit", "--prompt_template_name", "chatml"]),
+    (["--load_4bit=True", "--noload_8bit"], ["--load_in_4bit=True", "--noload_in_8bit"]),
+    (["--prompt-template=alpaca", "--", "--prompt_template"], ["--prompt_template_name=alpaca", "--", "--prompt_template"]),
+    (["--prompt_template_name", "chat"], ["--prompt_template_name", "chat"]),
+])
+def test_alpaca_lora_flag_names_are_accepted_as_aliases(argv, expected):
+    from medlora.flags import canonical_argv
+
+    assert canonical_argv(chat.main, argv) == expected
+    assert unknown_flag_error(chat.main, canonical_argv(chat.main, argv)) is None
+
+
+@pytest.mark.slow
+def test_an_alias_reaches_the_function_under_its_current_name(tmp_path):
+    """chat.py --prompt_template (alpaca-lora's name) sets the template: a bad name is refused naming it."""
+    result = run_script("chat.py", "--base_model", "builtin:tiny-llama", "--prompt_template", "no-such-template",
+                        "--prompt", "hi", check=False)
+    assert result.returncode == 2
+    assert "no-such-template" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
 def test_a_misspelt_flag_stops_before_any_work(tmp_path):
     result = run_script("finetune.py", "--output_dir", tmp_path / "out", "--micro_batchsize", 4, check=False)
     assert result.returncode == 2
@@ -36,6 +60,7 @@ def test_a_misspelt_flag_stops_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_overwritten_unless_asked(tmp_path):
     from tests.conftest import TINY
 
@@ -52,6 +77,7 @@ def test_a_finished_run_is_not_overwritten_unless_asked(tmp_path):
     assert (output_dir / "adapter_model.safetensors").read_bytes() != weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--num_epochs", 0], "--num_epochs must be > 0 unless --max_steps is; got 0"),
     (["--learning_rate", 0], "--learning_rate must be > 0; got 0"),

@@ -11,7 +11,13 @@ import torch
 from medlora.errors import MedLoRAError
 from medlora.evaluation import Evaluator, choose_options, extract_choice
 from medlora.modeling import load_for_inference
-from medlora.questions import Question, conversation, load_question_file, pick_fewshot, question_files
+from medlora.questions import (
+    Question,
+    conversation,
+    load_question_file,
+    pick_fewshot,
+    question_files,
+)
 from medlora.records import load_conversations
 from medlora.templates import PromptTemplate
 from medlora.tokenization import ConversationEncoder
@@ -136,6 +142,7 @@ def test_unreadable_question_files(tmp_path, content, message):
         load_question_file(path)
 
 
+@pytest.mark.slow
 def test_bad_input_exits_with_one_line_and_writes_no_report(tmp_path):
     bad = write(tmp_path / "bad.jsonl", [GOOD_MEDMCQA, {**GOOD_MEDMCQA, "cop": 0}])
     report = tmp_path / "report.json"
@@ -296,6 +303,7 @@ def check_report_consistency(task):
         assert task["unparsed"] == sum(r["pred"] is None for r in rows)
 
 
+@pytest.mark.slow
 def test_compare_end_to_end(tiny_adapter, tmp_path):
     # The documented demo command, with the test adapter and a report file.
     report_path = tmp_path / "report.json"
@@ -315,6 +323,7 @@ def test_compare_end_to_end(tiny_adapter, tmp_path):
     assert tasks["base"]["questions"][0]["option_loglik"] != tasks["adapter"]["questions"][0]["option_loglik"]
 
 
+@pytest.mark.slow
 def test_generate_fewshot_and_perplexity_end_to_end(tiny_adapter, tmp_path):
     # The documented generate example (medAlpaca style) on the folder of samples, with the test adapter.
     report_path = tmp_path / "report.json"

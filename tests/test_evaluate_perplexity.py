@@ -3,9 +3,12 @@
 import json
 import math
 
+import pytest
+
 from tests.conftest import TINY, run_script
 
 
+@pytest.mark.slow
 def test_method_perplexity_defaults_to_the_adapters_validation_records(tmp_path):
     adapter = tmp_path / "lora"
     # One validation batch (4 records, micro-batch 4): the Trainer's eval loss is then the plain token mean.
@@ -29,6 +32,7 @@ def test_method_perplexity_defaults_to_the_adapters_validation_records(tmp_path)
     assert "(2 records" in limited.stdout
 
 
+@pytest.mark.slow
 def test_method_perplexity_without_validation_records_is_one_clear_error(tiny_adapter):
     result = run_script("evaluate.py", "--lora_weights", tiny_adapter, "--method", "perplexity", check=False)
     assert result.returncode == 2

@@ -13,9 +13,18 @@ import pytest
 import torch
 
 from medlora.errors import MedLoRAError
-from medlora.export import (check_logits, check_output_dir, merge_adapter, meta_ffn_hidden_dim, meta_ffn_sizing,
-                            meta_params, meta_state_dict, resolve_inputs, staged_output)
-from medlora.run_settings import save_run_settings
+from medlora.export import (
+    check_logits,
+    check_output_dir,
+    merge_adapter,
+    meta_ffn_hidden_dim,
+    meta_ffn_sizing,
+    meta_params,
+    meta_state_dict,
+    resolve_inputs,
+    staged_output,
+)
+from medlora.run_folder import RunFolder
 from tests.conftest import ROOT, TINY, run_script
 
 PROMPT = "A 54-year-old man has chest pain on exertion that eases with rest. What should be checked first?"
@@ -66,7 +75,7 @@ def random_adapter(tmp_path_factory, tiny_model_path, name, config, target_modul
         get_peft_model(model, lora).save_pretrained(adapter_dir)
     for file_name in TOKENIZER_FILES:
         shutil.copy(tiny_model_path / file_name, base_dir / file_name)
-    save_run_settings(adapter_dir, {"base_model": str(base_dir), "prompt_template_name": "alpaca"})
+    RunFolder(adapter_dir).write_settings({"base_model": str(base_dir), "prompt_template_name": "alpaca"})
     return base_dir, adapter_dir
 
 
@@ -114,6 +123,7 @@ def qlora_adapter(tmp_path_factory):
 
 
 # ---- Hugging Face checkpoint ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_hf_export_of_tiny_llama_equals_base_plus_adapter(hf_export, tiny_adapter, tiny_model_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -148,6 +158,7 @@ def test_hf_export_of_tiny_llama_equals_base_plus_adapter(hf_export, tiny_adapte
     torch.testing.assert_close(logits_of(standalone.model, standalone.tokenizer), expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_generate_py_answers_from_the_export_as_from_base_plus_adapter(hf_export, tiny_adapter, tmp_path):
     output_dir, _ = hf_export
     questions = tmp_path / "questions.jsonl"
@@ -182,6 +193,7 @@ def test_gqa_mistral_and_gpt2_merges_equal_base_plus_adapter(mistral_adapter, gp
     torch.testing.assert_close(logits_of(exported, tiny_tokenizer), expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_qlora_adapter_merges_into_the_dequantized_base(qlora_adapter, tiny_model_path, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -225,6 +237,7 @@ def test_check_logits_rejects_a_wrong_merge(mistral_adapter, tiny_tokenizer):
 
 
 # ---- output folder protection ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_non_empty_output_dir_is_refused_without_force(hf_export, tiny_adapter):
     output_dir, _ = hf_export
     before = folder_snapshot(output_dir)
@@ -236,6 +249,7 @@ def test_non_empty_output_dir_is_refused_without_force(hf_export, tiny_adapter):
     assert folder_snapshot(output_dir) == before
 
 
+@pytest.mark.slow
 def test_force_replaces_an_export_in_one_rename(tiny_adapter, tmp_path):
     output_dir = tmp_path / "export"
     output_dir.mkdir()
@@ -259,6 +273,7 @@ def test_failed_export_leaves_the_output_dir_as_it_was(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]
 
 
+@pytest.mark.slow
 def test_output_dir_holding_the_inputs_is_refused_even_with_force(tiny_adapter):
     inputs = resolve_inputs("", str(tiny_adapter))
     for folder in (tiny_adapter, tiny_adapter.parent, inputs.model_path, Path.cwd()):
@@ -317,6 +332,7 @@ def check_meta_export(tensors, params, expected_logits, tokens):
     torch.testing.assert_close(meta_reference_logits(tensors, params, tokens), expected_logits, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_state_dict_export_of_gqa_mistral_runs_in_a_meta_reference_forward(mistral_adapter, tiny_tokenizer, tmp_path):
     base_dir, adapter_dir = mistral_adapter
     output_dir = tmp_path / "ckpt"
@@ -333,6 +349,7 @@ def test_state_dict_export_of_gqa_mistral_runs_in_a_meta_reference_forward(mistr
     check_meta_export(tensors, params, expected, tiny_tokenizer(PROMPT, return_tensors="pt").input_ids[0])
 
 
+@pytest.mark.slow
 def test_meta_layout_of_the_tiny_llama_reproduces_its_logits(tiny_adapter):
     merged = merge_adapter(resolve_inputs("", str(tiny_adapter)), torch.float32)
     tensors = meta_state_dict(merged.model, torch.float32)
@@ -341,6 +358,7 @@ def test_meta_layout_of_the_tiny_llama_reproduces_its_logits(tiny_adapter):
     check_meta_export(tensors, params, merged.reference_logits, merged.prompt_ids[0])
 
 
+@pytest.mark.slow
 def test_state_dict_export_refuses_other_architectures(gpt2_adapter, tmp_path):
     output_dir = tmp_path / "ckpt"
     result = run_script("export_state_dict_checkpoint.py", "--lora_weights", gpt2_adapter[1], "--output_dir",

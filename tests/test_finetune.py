@@ -45,6 +45,7 @@ def test_output_folder_holds_a_loadable_non_empty_adapter(trained):
     assert settings["cutoff_len"] == 192 and settings["packing"] is True
 
 
+@pytest.mark.slow
 def test_reloaded_adapter_gives_the_same_logits(trained):
     output_dir, result = trained
     ids = result.tokenizer("A patient reports chest pain after exercise.", return_tensors="pt").input_ids
@@ -91,6 +92,7 @@ def test_padded_and_packed_batches_give_the_same_loss(tiny_model_path, tiny_toke
     assert abs(padded.item() - reference.item()) < 1e-4
 
 
+@pytest.mark.slow
 def test_bad_data_fails_in_one_line_and_writes_nothing(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"instruction": "Q", "output": "A"}\n{"instruction": "Q", "output": ""}\n')
@@ -101,6 +103,7 @@ def test_bad_data_fails_in_one_line_and_writes_nothing(tmp_path):
     assert not output_dir.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--prompt_template_name", "nope"], "unknown prompt template 'nope'"),
     (["--batch_size", "10", "--micro_batch_size", "4"], "--batch_size 10 must be a multiple of --micro_batch_size 4"),

@@ -133,6 +133,7 @@ def test_chat_template_prompt_uses_the_tokenizers_own_template(base_inference):
     assert chat.answer(messages, "Be brief.", GREEDY) == chat.answer(messages, "Be brief.", GREEDY)
 
 
+@pytest.mark.slow
 def test_merged_export_brings_its_template(tiny_model_path, tmp_path):
     merged = tmp_path / "hf_ckpt"
     shutil.copytree(tiny_model_path, merged)
@@ -142,6 +143,7 @@ def test_merged_export_brings_its_template(tiny_model_path, tmp_path):
     assert ChatModel.load(base_model=str(tiny_model_path)).template.name == "alpaca"  # the fallback
 
 
+@pytest.mark.slow
 def test_8bit_model_answers(tiny_adapter):
     chat = ChatModel.load(lora_weights=str(tiny_adapter), load_8bit=True)
     assert any(type(module).__name__ == "Linear8bitLt" for module in chat.model.modules())
@@ -259,6 +261,7 @@ def test_prediction_records_errors_name_record_and_field(tmp_path):
         read_prediction_records(tmp_path / "missing.jsonl")
 
 
+@pytest.mark.slow
 def test_batch_mode_writes_one_line_per_record(tiny_adapter, adapter_chat, tmp_path):
     data = write_jsonl(tmp_path / "questions.jsonl", [
         {"instruction": "What is a fever?", "output": "A raised temperature."},
@@ -281,6 +284,7 @@ def test_batch_mode_writes_one_line_per_record(tiny_adapter, adapter_chat, tmp_p
     assert sorted(p.name for p in predictions.parent.iterdir()) == ["predictions.jsonl"]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_batch_mode_bad_input_writes_nothing(tmp_path):
     data = write_jsonl(tmp_path / "questions.jsonl", [{"instruction": "What is a fever?"}, {"instruction": 3}])
     predictions = tmp_path / "predictions.jsonl"
@@ -343,6 +347,7 @@ def running_server(*args, startup_timeout=180):
         log.close()
 
 
+@pytest.mark.slow
 def test_auth_refuses_a_wrong_password(tiny_adapter, tmp_path):
     from medlora.web_ui import parse_auth
 

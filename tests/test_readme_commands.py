@@ -1,32 +1,69 @@
-"""The README's own commands: --help and --list_templates (the demo launcher: tests/test_real_model.py)."""
+"""The README's own commands: --help of every script and --list_templates (the demo launcher: tests/test_real_model.py)."""
 
-import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, run_script
 
+STAGE_SCRIPTS = ["finetune", "pretrain", "dpo", "reward", "rl", "chat", "generate", "evaluate", "export_hf_checkpoint",
+                 "export_state_dict_checkpoint"]
 
-def test_help_documents_every_flag():
+
+def stage_function(script: str):
+    import importlib
+
+    module = importlib.import_module(script)
+    return next(getattr(module, name) for name in ("train", "pretrain", "main") if hasattr(module, name))
+
+
+def test_every_flag_of_every_script_has_a_description():
+    from medlora.flags import flag_descriptions
+
+    undocumented = {script: [name for name, text in flag_descriptions(stage_function(script)).items() if not text]
+                    for script in STAGE_SCRIPTS}
+    assert undocumented == {script: [] for script in STAGE_SCRIPTS}
+
+
+@pytest.mark.slow
+def test_help_lists_every_flag_with_its_description_and_default():
     import inspect
 
-    import finetune
+    from medlora.flags import flag_descriptions
 
-    result = run_script("finetune.py", "--help", env=dict(os.environ, PAGER="cat"))
-    for name, parameter in inspect.signature(finetune.train).parameters.items():
-        assert f"--{name}" in result.stdout + result.stderr
-    # Every flag has a sentence of its own under it, not only its type and default.
-    docstring = finetune.train.__doc__
-    for name in inspect.signature(finetune.train).parameters:
-        assert f"        {name}: " in docstring, name
+    processes = {script: subprocess.Popen([sys.executable, f"{script}.py", "--help"], cwd=ROOT, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) for script in STAGE_SCRIPTS}
+    for script, process in processes.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, f"{script}.py --help: {stderr[-2000:]}"
+        function = stage_function(script)
+        flags = stdout.split("Flags:", 1)[1]
+        for name, description in flag_descriptions(function).items():
+            default = inspect.signature(function).parameters[name].default
+            assert f"  --{name} (default: {default!r})" in flags, (script, name)
+            assert " ".join(description.split()[:4]) in " ".join(flags.split()), (script, name)
+        assert stderr.strip() == "", f"{script}.py --help printed to stderr: {stderr[-2000:]}"
 
 
+@pytest.mark.slow
+def test_help_imports_no_heavy_library():
+    """--help answers at once: it must not import torch, transformers, TRL, PEFT or datasets."""
+    for script in STAGE_SCRIPTS:
+        result = subprocess.run([sys.executable, "-X", "importtime", f"{script}.py", "--help"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=300)
+        imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+        assert not imported & {"torch", "transformers", "trl", "peft", "datasets", "gradio"}, script
+
+
+@pytest.mark.slow
 def test_list_templates():
     result = run_script("finetune.py", "--list_templates")
     assert result.stdout.splitlines()[0].startswith("alpaca ")
     assert len(result.stdout.splitlines()) >= 12
 
 
+@pytest.mark.slow
 def test_no_script_opens_with_the_bitsandbytes_cpu_notice():
     """medlora/__init__.py filters it, which works only if a script imports medlora before anything that
     imports bitsandbytes (TRL, PEFT): each script is imported in a fresh process, side by side."""

@@ -66,6 +66,7 @@ def all_cores():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(reason="failed in the session's last CI check: with plain greedy decoding (no repetition penalty) the "
                           "tuned model ran past 256 tokens on at least one held-out question; not yet diagnosed",
                    strict=False)
@@ -85,6 +86,7 @@ def test_tuned_model_ends_its_answers_with_eos(demo, all_cores):
         assert eos in new_tokens, f"no EOS within 256 tokens for {question!r}"
 
 
+@pytest.mark.slow
 def test_evaluate_reports_base_and_tuned_perplexity_in_and_out_of_domain(demo, tmp_path):
     output_dir, _ = demo
     report_file = tmp_path / "in_domain.json"

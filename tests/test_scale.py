@@ -10,16 +10,24 @@ import time
 
 import pytest
 import torch
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULT_TARGETS
+from peft.utils.constants import (
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULT_TARGETS,
+)
 from safetensors.torch import load_file
 
 import finetune
 from medlora.modeling import load_for_inference
 from medlora.packed_attention import use_packed_attention
 from medlora.records import load_conversations
+from medlora.run_folder import CHECKPOINT_COMPLETE
 from medlora.templates import PromptTemplate
 from medlora.tokenization import ConversationEncoder
-from medlora.training import CHECKPOINT_COMPLETE, PackedCollator, PaddedCollator, label_only_loss, supports_packing
+from medlora.training import (
+    PackedCollator,
+    PaddedCollator,
+    label_only_loss,
+    supports_packing,
+)
 from tests.conftest import ROOT, SAMPLE_SFT, TINY, run_script
 
 QUICK = dict(batch_size=4, micro_batch_size=2, val_set_size=0, warmup_steps=0, logging_steps=1, cutoff_len=96,
@@ -39,6 +47,7 @@ def max_difference(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora_trains_on_quantized_weights(tmp_path, bits):
     import bitsandbytes as bnb
@@ -53,6 +62,7 @@ def test_qlora_trains_on_quantized_weights(tmp_path, bits):
     assert adapter_weights(tmp_path / "q")
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_matches_one_process(tmp_path):
     flags = ["--base_model", TINY, "--max_steps", 3, "--batch_size", 8, "--micro_batch_size", 2, "--val_set_size", 0,
              "--logging_steps", 1, "--cutoff_len", 128, "--warmup_steps", 0, "--learning_rate", 1e-2, "--lora_dropout", 0,
@@ -71,6 +81,7 @@ def test_torchrun_two_processes_matches_one_process(tmp_path):
     assert max_difference(adapter_weights(tmp_path / "one"), adapter_weights(tmp_path / "two")) < 1e-4
 
 
+@pytest.mark.slow
 def test_torchrun_batch_size_must_divide(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
                 "finetune.py", "--base_model", TINY, "--output_dir", str(tmp_path / "x"), "--batch_size", "6",
@@ -80,6 +91,7 @@ def test_torchrun_batch_size_must_divide(tmp_path):
     assert "--batch_size 6 must be a multiple of --micro_batch_size 2 x 2 processes" in result.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_bad_record_stops_every_process_with_the_error(tmp_path):
     """Rank 0 validates; its one-line error reaches every rank, each exits 2 (not a hang, not an abort
     of a process group left open) and nothing is written."""
@@ -99,6 +111,7 @@ def test_torchrun_bad_record_stops_every_process_with_the_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_with_the_same_adapter(tmp_path):
     flags = ["--base_model", TINY, "--max_steps", 6, "--save_steps", 2, "--batch_size", 4, "--micro_batch_size", 2,
              "--val_set_size", 0, "--cutoff_len", 96, "--warmup_steps", 2, "--learning_rate", 1e-2,
@@ -147,6 +160,7 @@ def tiny_config(architecture, vocab_size):
 ARCHITECTURES = ["llama", "mistral", "qwen2", "gemma", "phi", "gpt_neox", "bloom", "gpt2"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_every_common_architecture_trains_with_its_default_targets(tmp_path, tiny_model_path, tiny_tokenizer,
                                                                    architecture):
@@ -179,6 +193,7 @@ def test_every_common_architecture_trains_with_its_default_targets(tmp_path, tin
     assert abs(padded.item() - reference.item()) < 1e-4
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
     plain = finetune.train(base_model=TINY, output_dir=str(tmp_path / "plain"), max_steps=2, lora_dropout=0, **QUICK)
     checkpointed = finetune.train(base_model=TINY, output_dir=str(tmp_path / "gc"), max_steps=2, lora_dropout=0,
@@ -192,6 +207,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
     del plain
 
 
+@pytest.mark.slow
 def test_lora_variants_are_configured_and_saved(tmp_path):
     finetune.train(base_model=TINY, output_dir=str(tmp_path / "v"), max_steps=1, use_dora=True, use_rslora=True,
                    neftune_noise_alpha=5.0, lora_modules_to_save="lm_head", **QUICK)
@@ -204,6 +220,7 @@ def test_lora_variants_are_configured_and_saved(tmp_path):
                        **QUICK)
 
 
+@pytest.mark.slow
 def test_neftune_changes_the_training_loss(tmp_path):
     finetune.train(base_model=TINY, output_dir=str(tmp_path / "a"), max_steps=1, lora_dropout=0, **QUICK)
     finetune.train(base_model=TINY, output_dir=str(tmp_path / "b"), max_steps=1, lora_dropout=0, neftune_noise_alpha=50.0,
@@ -211,6 +228,7 @@ def test_neftune_changes_the_training_loss(tmp_path):
     assert abs(losses(tmp_path / "a")[0] - losses(tmp_path / "b")[0]) > 1e-4
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_saves_a_whole_model(tmp_path, tiny_model_path):
     result = finetune.train(base_model=TINY, output_dir=str(tmp_path / "full"), max_steps=2, use_lora=False, **QUICK)
     trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)

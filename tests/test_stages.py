@@ -70,6 +70,7 @@ def test_pretraining_lowers_the_loss_and_the_validation_perplexity(pt_adapter):
     assert "documents: 61 read (55 train, 6 validation)" in stdout and "validation perplexity" in stdout
 
 
+@pytest.mark.slow
 def test_pretrained_adapter_loads_for_inference_and_finetune_continues_it(pt_adapter, tmp_path):
     from medlora.modeling import load_for_inference
 
@@ -93,6 +94,7 @@ def test_pretrained_adapter_loads_for_inference_and_finetune_continues_it(pt_ada
     assert settings_of(sft_dir)["lora_weights"] == str(output_dir)
 
 
+@pytest.mark.slow
 def test_full_pretraining_writes_a_model_that_loads_as_a_base(tmp_path, tiny_model_path):
     import pretrain
     from medlora.modeling import load_for_inference
@@ -186,6 +188,7 @@ def test_medicalgpt_dpo_data_gives_500_valid_pairs_tokenized_like_sft(tiny_token
     assert len(cut.examples) + sum(cut.dropped.values()) == 500 and cut.truncated > 0
 
 
+@pytest.mark.slow
 def test_dpo_runs_on_the_medicalgpt_pairs(tmp_path, tiny_adapter, tiny_tokenizer):
     import dpo
 
@@ -256,6 +259,7 @@ def test_bad_preference_records_name_file_record_and_field(tmp_path, record, mes
         load_preference_pairs(path)
 
 
+@pytest.mark.slow
 def test_dpo_cli_stops_on_a_bad_record_with_one_line_and_writes_nothing(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text('{"prompt": "Cough?", "chosen": "See a clinician.", "rejected": "Never mind."}\n'
@@ -291,6 +295,7 @@ def test_dpo_from_the_sft_adapter_raises_reward_accuracy(dpo_adapter):
     assert "reward accuracy 0.000 ->" in stdout and "template: alpaca; loss: dpo (beta 0.1)" in stdout
 
 
+@pytest.mark.slow
 def test_dpo_adapter_loads_with_no_extra_flags(dpo_adapter, tiny_adapter):
     from medlora.modeling import load_for_inference
 
@@ -313,8 +318,8 @@ def test_preference_losses_match_their_formulas(tiny_model_path, tiny_tokenizer)
     from trl import DPOConfig
     from trl.trainer.utils import use_adapter
 
-    from medlora.preference_trainer import PreferenceTrainer
     from medlora.modeling import load_base_model
+    from medlora.preference_trainer import PreferenceTrainer
 
     pairs = load_preference_pairs(PREFERENCE_SAMPLE).pairs[:3]
     examples = encode_pairs(tiny_tokenizer, PromptTemplate.load("alpaca"), pairs, 128).examples
@@ -360,6 +365,7 @@ def test_preference_losses_match_their_formulas(tiny_model_path, tiny_tokenizer)
         assert computed.item() == pytest.approx(value.item(), rel=1e-4, abs=1e-5), loss
 
 
+@pytest.mark.slow
 def test_orpo_with_a_fresh_adapter_lowers_its_loss(tmp_path, tiny_model_path):
     import dpo
 
@@ -374,6 +380,7 @@ def test_orpo_with_a_fresh_adapter_lowers_its_loss(tmp_path, tiny_model_path):
     assert settings_of(tmp_path / "orpo")["lora_weights"] == ""
 
 
+@pytest.mark.slow
 def test_dpo_with_qlora_starts_at_its_reference(tmp_path, tiny_adapter):
     import dpo
     from medlora.modeling import load_for_inference
@@ -450,6 +457,7 @@ def test_rl_with_the_rule_reward_raises_the_mean_reward(rl_policy, tmp_path):
     assert "reward: rule (advice to see a clinician" in result.stdout
 
 
+@pytest.mark.slow
 def test_rl_against_the_reward_model(reward_model, tiny_adapter, tmp_path):
     import rl
     from medlora import rewards
@@ -495,6 +503,7 @@ def test_prompts_come_from_any_record_file(tmp_path):
 
 
 # ---- the whole pipeline ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_offline_pipeline_script_chains_every_stage(tmp_path, tiny_model_path):
     work = tmp_path / "pipeline"
     result = subprocess.run(["bash", "scripts/run_pipeline_offline.sh"], cwd=ROOT, capture_output=True, text=True,
@@ -518,6 +527,7 @@ def test_every_flag_has_its_own_help_line(script):
     assert module.__doc__.lstrip().startswith(("Continued", "Preference", "Train", "Reinforcement"))
 
 
+@pytest.mark.slow
 def test_pretrain_under_torchrun_matches_one_process(tmp_path):
     """Every stage shares finetune.py's torchrun path; continued pretraining stands in for them here."""
     from tests.conftest import ROOT, run_script

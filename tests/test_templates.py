@@ -4,7 +4,12 @@ import json
 import pytest
 
 from medlora.errors import MedLoRAError
-from medlora.templates import TEMPLATES_DIR, Conversation, PromptTemplate, available_templates
+from medlora.templates import (
+    TEMPLATES_DIR,
+    Conversation,
+    PromptTemplate,
+    available_templates,
+)
 
 SINGLE_WITH_INPUT = Conversation([{"role": "user", "content": "What could this be?", "input": "Fever for two days."},
                                   {"role": "assistant", "content": "Likely a viral infection."}])

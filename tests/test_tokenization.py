@@ -3,7 +3,11 @@
 import pytest
 
 from medlora.templates import Conversation, PromptTemplate
-from medlora.tokenization import DROPPED_BY_TRUNCATION, IGNORE_INDEX, ConversationEncoder
+from medlora.tokenization import (
+    DROPPED_BY_TRUNCATION,
+    IGNORE_INDEX,
+    ConversationEncoder,
+)
 
 ALPACA = Conversation([{"role": "user", "content": "My child has a rash.", "input": "Age 4, no fever."},
                        {"role": "assistant", "content": "It is likely eczema; see a pediatrician if it spreads."}])

@@ -77,6 +77,7 @@ def words(text: str) -> list:
     return re.findall(r"\w+", text)
 
 
+@pytest.mark.slow
 def test_chat_page_streams_an_answer(tiny_adapter):
     sync_playwright = browser_or_skip()
     expected = ChatModel.load(lora_weights=str(tiny_adapter)).answer([{"role": "user", "content": QUESTION}],
@@ -222,6 +223,7 @@ def chat_model(tiny_adapter):
     return ChatModel.load(lora_weights=str(tiny_adapter))
 
 
+@pytest.mark.slow
 def test_stop_button_ends_the_answer_and_keeps_the_conversation(chat_model):
     sync_playwright = browser_or_skip()
     unstopped = chat_model.answer([{"role": "user", "content": QUESTION}], settings=SETTINGS)
@@ -264,6 +266,7 @@ def test_stop_button_ends_the_answer_and_keeps_the_conversation(chat_model):
             gate.hook.remove()
 
 
+@pytest.mark.slow
 def test_a_full_queue_tells_the_user_the_app_is_busy(chat_model):
     """One answer at a time and one waiting: a third user is told the app is busy, and can ask again
     once the queue has room."""
