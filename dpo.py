@@ -25,6 +25,7 @@ import time
 from medlora import cli
 from medlora.errors import MedLoRAError
 from medlora.paths import DATA_DIR
+from medlora.records import usage_lines
 from medlora.templates import PromptTemplate
 
 DEFAULT_DATA = str(DATA_DIR / "preference")
@@ -40,6 +41,7 @@ def train(
     data_path: str = DEFAULT_DATA,
     output_dir: str = "./dpo-medlora",
     field_map: str = "",
+    skip_bad_records: bool = False,
     prompt_template_name: str = "",
     # preference loss
     loss: str = "dpo",
@@ -86,6 +88,7 @@ def train(
         data_path: A .json/.jsonl/.csv/.parquet file of preference pairs, a folder of them, or a hub dataset name.
         output_dir: Where the adapter, tokenizer, medlora_run.json and checkpoints go.
         field_map: JSON mapping our field names to your columns, e.g. '{"prompt": "question", "chosen": "good"}'.
+        skip_bad_records: Drop invalid pairs (listed and counted by reason in the summary) instead of stopping with a list of them.
         prompt_template_name: A template in templates/, or a path to a template .json. Default: the adapter's, else alpaca.
         loss: dpo (sigmoid DPO), ipo, orpo (odds ratio + SFT loss, no reference) or simpo (length-normalised, no reference).
         beta: Strength of the preference term. Default: 0.1 for dpo, ipo and orpo (ORPO's lambda), 2.0 for simpo.
@@ -149,7 +152,7 @@ def train(
     # ---- data: every pair validated and tokenized once (on rank 0), before any model is loaded -------------
     def prepare_data():
         template = PromptTemplate.load(prompt_template_name)
-        loaded = load_preference_pairs(data_path, field_map)
+        loaded = load_preference_pairs(data_path, field_map, skip_bad_records)
         pairs = loaded.pairs
         training_pairs, held_out_pairs = split_validation(pairs, val_set_size, seed, "pairs")
         model_path = resolve_base_model(base_model)
@@ -158,9 +161,10 @@ def train(
         val_pairs = encode_pairs(tokenizer, template, held_out_pairs, cutoff_len)
         if not train_pairs.examples:
             raise MedLoRAError(f"{data_path}: no training pair is left after truncation at --cutoff_len {cutoff_len}")
-        return template, loaded.describe(), len(pairs), train_pairs, val_pairs, model_path
+        skipped = (loaded.skipped, loaded.skipped_records)
+        return template, loaded.describe(), len(pairs), skipped, train_pairs, val_pairs, model_path
 
-    template, data_description, pairs_read, train_pairs, val_pairs, model_path = (
+    template, data_description, pairs_read, skipped, train_pairs, val_pairs, model_path = (
         distributed.run_once_and_share(prepare_data))
 
     # ---- model ---------------------------------------------------------------------------------------------
@@ -200,7 +204,7 @@ def train(
     restore_fp32_adapter(trainer.model)  # TRL casts QLoRA adapters to bf16; finetune.py keeps them fp32
     trainable, total = count_parameters(trainer.model)
     if is_main:
-        print_data_summary(data_description, pairs_read, train_pairs, val_pairs, cutoff_len, template, loss, beta,
+        print_data_summary(data_description, pairs_read, skipped, train_pairs, val_pairs, cutoff_len, template, loss, beta,
                            trainable, total, lora_weights)
 
     # Before/after metrics on the validation pairs, else on the training pairs
@@ -230,16 +234,16 @@ def train(
     return trainer
 
 
-def print_data_summary(data_description, read, train_pairs, val_pairs, cutoff_len, template, loss, beta, trainable,
-                       total, lora_weights):
-    dropped = train_pairs.dropped + val_pairs.dropped
+def print_data_summary(data_description, read, skipped, train_pairs, val_pairs, cutoff_len, template, loss, beta,
+                       trainable, total, lora_weights):
+    reasons, skipped_records = skipped
+    dropped = reasons + train_pairs.dropped + val_pairs.dropped
     lengths = sorted(len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
                      for ex in train_pairs.examples)
     print("\n".join([
         f"data: {data_description}",
-        f"pairs: {read} read, {len(train_pairs.examples) + len(val_pairs.examples)} used "
-        f"({len(train_pairs.examples)} train, {len(val_pairs.examples)} validation), {sum(dropped.values())} dropped"
-        + "".join(f"; {n} dropped: {reason}" for reason, n in dropped.items()),
+        *usage_lines("pairs", read + sum(reasons.values()), len(train_pairs.examples), len(val_pairs.examples),
+                     dropped, skipped_records),
         f"template: {template.name}; loss: {loss} (beta {beta})",
         f"tokens per training pair: median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
         f"truncated at cutoff_len={cutoff_len}: {train_pairs.truncated + val_pairs.truncated} pairs",

@@ -132,7 +132,8 @@ def validation_records(settings: dict, lora_weights: str) -> tuple:
         raise MedLoRAError(f"--method perplexity needs --perplexity_path: {lora_weights or 'the model'} has no "
                            f"validation records (trained by MedLoRA with --val_set_size > 0)")
     conversations = load_conversations(settings["data_path"], settings.get("field_map") or "",
-                                       settings.get("skip_bad_records", False)).conversations
+                                       settings.get("skip_bad_records", False),
+                                       settings.get("split_dialogues", False)).conversations
     _, held_out = split_validation(conversations, settings["val_set_size"], settings.get("seed", 42))
     return held_out, f"validation records of {Path(lora_weights).name} ({settings['data_path']})"
 

@@ -23,6 +23,7 @@ from medlora import cli
 from medlora.builtin_models import DEFAULT_BASE_MODEL, default_template_for
 from medlora.errors import MedLoRAError
 from medlora.paths import DATA_DIR
+from medlora.records import usage_lines
 from medlora.templates import PromptTemplate
 
 DEFAULT_DATA = str(DATA_DIR / "preference")
@@ -36,6 +37,7 @@ def train(
     data_path: str = DEFAULT_DATA,
     output_dir: str = "./rm-medlora",
     field_map: str = "",
+    skip_bad_records: bool = False,
     prompt_template_name: str = "",
     # training hyperparameters
     batch_size: int = 16,
@@ -77,6 +79,7 @@ def train(
         data_path: A .json/.jsonl/.csv/.parquet file of preference pairs, a folder of them, or a hub dataset name.
         output_dir: Where the reward adapter (with its score head), tokenizer, medlora_run.json and checkpoints go.
         field_map: JSON mapping our field names to your columns, e.g. '{"prompt": "question", "chosen": "good"}'.
+        skip_bad_records: Drop invalid pairs (listed and counted by reason in the summary) instead of stopping with a list of them.
         prompt_template_name: A template in templates/, or a path to a template .json; use the policy's template. Default: a built-in model's own, else alpaca.
         batch_size: Pairs per optimizer step, all processes together.
         micro_batch_size: Pairs per forward pass on one device; accumulation makes up the rest.
@@ -127,7 +130,7 @@ def train(
     # ---- data: every pair validated and tokenized once (on rank 0), before any model is loaded -------------
     def prepare_data():
         template = PromptTemplate.load(prompt_template_name or default_template_for(base_model))
-        loaded = load_preference_pairs(data_path, field_map)
+        loaded = load_preference_pairs(data_path, field_map, skip_bad_records)
         pairs = loaded.pairs
         training_pairs, held_out_pairs = split_validation(pairs, val_set_size, seed, "pairs")
         model_path = resolve_base_model(base_model)
@@ -136,9 +139,10 @@ def train(
         val_pairs = encode_pairs(tokenizer, template, held_out_pairs, cutoff_len)
         if not train_pairs.examples:
             raise MedLoRAError(f"{data_path}: no training pair is left after truncation at --cutoff_len {cutoff_len}")
-        return template, loaded.describe(), len(pairs), train_pairs, val_pairs, model_path
+        skipped = (loaded.skipped, loaded.skipped_records)
+        return template, loaded.describe(), len(pairs), skipped, train_pairs, val_pairs, model_path
 
-    template, data_description, pairs_read, train_pairs, val_pairs, model_path = (
+    template, data_description, pairs_read, skipped, train_pairs, val_pairs, model_path = (
         distributed.run_once_and_share(prepare_data))
 
     # ---- model ---------------------------------------------------------------------------------------------
@@ -173,12 +177,12 @@ def train(
     trainable_parameters_to_fp32(model)
     trainable, total = count_parameters(model)
     if is_main:
-        dropped = train_pairs.dropped + val_pairs.dropped
+        reasons, skipped_records = skipped
+        dropped = reasons + train_pairs.dropped + val_pairs.dropped
         print("\n".join([
             f"data: {data_description}",
-            f"pairs: {pairs_read} read, {len(train_pairs.examples) + len(val_pairs.examples)} used "
-            f"({len(train_pairs.examples)} train, {len(val_pairs.examples)} validation), "
-            f"{sum(dropped.values())} dropped" + "".join(f"; {n} dropped: {reason}" for reason, n in dropped.items()),
+            *usage_lines("pairs", pairs_read + sum(reasons.values()), len(train_pairs.examples),
+                         len(val_pairs.examples), dropped, skipped_records),
             f"template: {template.name}; truncated at cutoff_len={cutoff_len}: "
             f"{train_pairs.truncated + val_pairs.truncated} pairs",
             f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), "

@@ -65,6 +65,10 @@ def run(function) -> None:
     try:
         exit_on_error(main)
     except KeyboardInterrupt:
-        # One line and the shell's status for SIGINT (128 + 2), not a traceback from deep in the trainer.
+        # One line and the shell's status for SIGINT (128 + 2), not a traceback from deep in the trainer; open
+        # progress bars are closed first, or they would redraw themselves after it at exit.
+        tqdm = sys.modules.get("tqdm.std")
+        for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
+            bar.close()
         print(f"\n{_interrupt_note[0]}", file=sys.stderr)
         sys.exit(130)

@@ -19,7 +19,8 @@ from medlora.errors import MedLoRAError
 from medlora.records import (
     MESSAGE_ROLES,
     SHAREGPT_ROLES,
-    _text,
+    field_text,
+    skip_reasons,
     validate_records,
 )
 from medlora.templates import Conversation
@@ -45,6 +46,7 @@ class LoadedPreferences:
     pairs: list
     formats: dict = field(default_factory=dict)  # source -> (format, record count)
     skipped: Counter = field(default_factory=Counter)  # --skip_bad_records: reason -> records dropped
+    skipped_records: list = field(default_factory=list)  # --skip_bad_records: "file: record N: field: reason"
 
     def describe(self) -> str:
         return "; ".join(f"{source}: {fmt}, {count} pairs" for source, (fmt, count) in self.formats.items())
@@ -69,8 +71,9 @@ PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "system", "history", "conve
 def load_preference_pairs(data_path, field_map=None, skip_bad_records=False) -> LoadedPreferences:
     """Read and validate every record of a file, a folder of files or a hub dataset (records.validate_records)."""
     loaded = LoadedPreferences([])
-    loaded.pairs, loaded.formats, loaded.skipped = validate_records(
+    loaded.pairs, loaded.formats, loaded.skipped_records = validate_records(
         data_path, field_map, detect_preference_format, to_preference_pair, skip_bad_records, PREFERENCE_FIELDS)
+    loaded.skipped = skip_reasons(loaded.skipped_records)
     return loaded
 
 
@@ -93,13 +96,13 @@ def detect_preference_format(record: dict, source: str, number: int) -> str:
 def to_preference_pair(record: dict, fmt: str, where: str) -> PreferencePair:
     if fmt == "medicalgpt_reward":
         record, fmt = {MEDICALGPT_REWARD_FIELDS.get(key, key): value for key, value in record.items()}, "prompt"
-    system = _text(record, "system", where, required=False, allow_empty=True) or None
+    system = field_text(record, "system", where, required=False, allow_empty=True) or None
     if fmt == "prompt":
         messages = _history_messages(record, where)
-        messages.append({"role": "user", "content": _text(record, "prompt", where)})
+        messages.append({"role": "user", "content": field_text(record, "prompt", where)})
     else:
         messages, system = _prompt_turns(record, fmt, where, system)
-    chosen, rejected = _text(record, "chosen", where), _text(record, "rejected", where)
+    chosen, rejected = field_text(record, "chosen", where), field_text(record, "rejected", where)
     if chosen.strip() == rejected.strip():
         raise MedLoRAError(f"{where}: field 'rejected': identical to 'chosen', so the pair teaches nothing")
     return PreferencePair(Conversation(messages, system, where), chosen, rejected)
@@ -136,7 +139,7 @@ def _prompt_turns(record: dict, fmt: str, where: str, system):
         if role is None:
             raise MedLoRAError(f"{where}: field '{turn_field}.{role_key}': unknown role {turn.get(role_key)!r}; "
                                f"expected one of {sorted(roles)}")
-        content = _text(turn, content_key, where, allow_empty=(role == "system"),
+        content = field_text(turn, content_key, where, allow_empty=(role == "system"),
                         field_name=f"{turn_field}.{content_key}")
         if role == "system":
             if index != 0:

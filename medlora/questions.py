@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medlora.errors import MedLoRAError
-from medlora.records import _text, read_file_records, rename_fields
+from medlora.records import field_text, read_file_records, rename_fields
 from medlora.templates import Conversation
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -99,11 +99,11 @@ def detect_question_format(record: dict, where: str) -> str:
 def _option_text(value, where: str, field_name: str) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
-    return _text({field_name: value}, field_name, where)
+    return field_text({field_name: value}, field_name, where)
 
 
 def _medqa(record: dict, where: str) -> Question:
-    question = _text(record, "question", where)
+    question = field_text(record, "question", where)
     key = "options" if "options" in record else "choices"
     options = record[key]
     if isinstance(options, dict):
@@ -138,7 +138,7 @@ def _answer(value, options: list, where: str, field_name: str) -> int:
 
 
 def _medmcqa(record: dict, where: str) -> Question:
-    question = _text(record, "question", where)
+    question = field_text(record, "question", where)
     options = [_option_text(record.get(key), where, key) for key in ("opa", "opb", "opc", "opd")]
     cop = record.get("cop")
     if cop is None:
@@ -150,7 +150,7 @@ def _medmcqa(record: dict, where: str) -> Question:
 
 
 def _pubmedqa(record: dict, where: str) -> Question:
-    question = _text(record, "question", where)
+    question = field_text(record, "question", where)
     context = record.get("context")
     if isinstance(context, dict):
         contexts = context.get("contexts")
@@ -158,8 +158,8 @@ def _pubmedqa(record: dict, where: str) -> Question:
             raise MedLoRAError(f"{where}: field 'context.contexts': expected a non-empty list of texts")
         context = "\n".join(contexts)
     else:
-        context = _text(record, "context", where)
-    decision = _text(record, "final_decision", where).strip().lower()
+        context = field_text(record, "context", where)
+    decision = field_text(record, "final_decision", where).strip().lower()
     if decision not in PUBMEDQA_OPTIONS:
         raise MedLoRAError(f"{where}: field 'final_decision': expected yes, no or maybe, got {record['final_decision']!r}")
     return Question(question, list(PUBMEDQA_OPTIONS), PUBMEDQA_OPTIONS.index(decision), context, where)

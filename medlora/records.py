@@ -33,9 +33,23 @@ class LoadedData:
     conversations: list
     formats: dict = field(default_factory=dict)  # source name -> (format, record count)
     skipped: Counter = field(default_factory=Counter)  # --skip_bad_records: reason -> records dropped
+    skipped_records: list = field(default_factory=list)  # --skip_bad_records: "file: record N: field: reason"
+    packed_dialogues: Counter = field(default_factory=Counter)  # (user, assistant) markers -> records
+    split_dialogues: bool = False
 
     def describe(self) -> str:
         return "; ".join(f"{source}: {fmt}, {count} records" for source, (fmt, count) in self.formats.items())
+
+    def describe_packed_dialogues(self) -> str | None:
+        """The summary line about records that hold a whole dialogue in one field, or None when there are none."""
+        if not self.packed_dialogues:
+            return None
+        kinds = ", ".join(f"{count} with '{user}:'/'{assistant}:'"
+                          for (user, assistant), count in self.packed_dialogues.most_common())
+        action = ("split into turns, every reply trained (--split_dialogues)" if self.split_dialogues else
+                  "trained as one long instruction with the markers as text; --split_dialogues makes them real turns")
+        return f"packed dialogues: {sum(self.packed_dialogues.values())} records hold a whole dialogue in one field " \
+               f"({kinds}): {action}"
 
 
 # The field names --field_map may map to (ours); a stage reading other records passes its own.
@@ -69,17 +83,36 @@ def parse_field_map(field_map, known_fields=CONVERSATION_FIELDS) -> dict:
     return dict(field_map)
 
 
-def load_conversations(data_path, field_map=None, skip_bad_records=False) -> LoadedData:
-    """Read and validate every record of a file, a folder of files or a hub dataset."""
-    loaded = LoadedData([])
-    loaded.conversations, loaded.formats, loaded.skipped = validate_records(
-        data_path, field_map, detect_format, to_conversation, skip_bad_records)
+def load_conversations(data_path, field_map=None, skip_bad_records=False, split_dialogues=False) -> LoadedData:
+    """Read and validate every record of a file, a folder of files or a hub dataset; alpaca records that pack a
+    whole dialogue into one field are counted, and with split_dialogues turned into real turns."""
+    from medlora.dialogues import find_packed_dialogue, split_packed_dialogue
+
+    loaded = LoadedData([], split_dialogues=split_dialogues)
+
+    def convert(record, fmt, where):
+        conversation = to_conversation(record, fmt, where)
+        if fmt != "alpaca" or len(conversation.messages) != 2:  # turns given, or a history: not packed
+            return conversation
+        first = conversation.messages[0]
+        text = f"{first['content']}\n{first.get('input', '')}".strip()
+        markers = find_packed_dialogue(text)
+        if markers:
+            if split_dialogues:
+                conversation.messages = split_packed_dialogue(text, markers, conversation.messages[1]["content"],
+                                                              where)
+            loaded.packed_dialogues[markers] += 1
+        return conversation
+
+    loaded.conversations, loaded.formats, loaded.skipped_records = validate_records(
+        data_path, field_map, detect_format, convert, skip_bad_records)
+    loaded.skipped = skip_reasons(loaded.skipped_records)
     return loaded
 
 
 def validate_records(data_path, field_map, detect, convert, skip_bad_records=False,
                      known_fields=CONVERSATION_FIELDS) -> tuple:
-    """(items, {source: (format, records)}, Counter of skipped reasons): every record of every source is
+    """(items, {source: (format, records)}, the problems of skipped records): every record of every source is
     checked, so that one run reports all the bad ones (the first MAX_PROBLEMS_SHOWN of them, and how many
     more), and nothing is trained. With skip_bad_records they are dropped instead, and counted by reason."""
     field_map = parse_field_map(field_map, known_fields)
@@ -103,9 +136,23 @@ def validate_records(data_path, field_map, detect, convert, skip_bad_records=Fal
                            f"written; --skip_bad_records drops them and trains on the rest):\n  {shown}{more}")
     if not items:
         raise MedLoRAError(f"{data_path}: every record is bad; the first: {problems[0]}")
-    # The reason without its place ("file: record 7: field 'output': empty" -> "field 'output': empty").
-    skipped = Counter(problem.split(": ", 2)[-1] for problem in problems)
-    return items, formats, skipped
+    return items, formats, problems
+
+
+def skip_reasons(problems: list) -> Counter:
+    """Skipped records counted by reason: the problem without its place ("file: record 7: field 'output': empty"
+    -> "field 'output': empty")."""
+    return Counter(problem.split(": ", 2)[-1] for problem in problems)
+
+
+def usage_lines(unit: str, read: int, train: int, validation: int, dropped: Counter, skipped_records: list) -> list:
+    """The data summary's account of every record: read, used, dropped by reason, and which ones were skipped."""
+    lines = [f"{unit}: {read} read, {train + validation} used ({train} train, {validation} validation), "
+             f"{sum(dropped.values())} dropped" + "".join(f"; {n} dropped: {reason}" for reason, n in dropped.items())]
+    lines += [f"  skipped: {problem}" for problem in skipped_records[:MAX_PROBLEMS_SHOWN]]
+    if len(skipped_records) > MAX_PROBLEMS_SHOWN:
+        lines.append(f"  ... and {len(skipped_records) - MAX_PROBLEMS_SHOWN} more skipped")
+    return lines
 
 
 def read_sources(data_path) -> list:
@@ -214,7 +261,7 @@ def detect_format(record: dict, source: str, number: int) -> str:
 
 
 # ---- validation ----------------------------------------------------------------------------------------
-def _text(record: dict, key: str, where: str, required=True, allow_empty=False, field_name=None) -> str:
+def field_text(record: dict, key: str, where: str, required=True, allow_empty=False, field_name=None) -> str:
     """record[key] as a string; field_name is how the error names it (default: key)."""
     value, field_name = record.get(key), field_name or key
     if value is None:
@@ -238,7 +285,7 @@ def to_conversation(record: dict, fmt: str, where: str) -> Conversation:
     turns = record.get(key)
     if not isinstance(turns, list) or not turns:
         raise MedLoRAError(f"{where}: field '{key}': expected a non-empty list of turns")
-    system = _text(record, "system", where, required=False, allow_empty=True) or None
+    system = field_text(record, "system", where, required=False, allow_empty=True) or None
     messages = []
     for index, turn in enumerate(turns):
         turn_field = f"{key}[{index}]"
@@ -248,7 +295,7 @@ def to_conversation(record: dict, fmt: str, where: str) -> Conversation:
         if role is None:
             raise MedLoRAError(f"{where}: field '{turn_field}.{role_key}': unknown role {turn.get(role_key)!r}; "
                                f"expected one of {sorted(roles)}")
-        content = _text(turn, content_key, where, allow_empty=(role == "system"),
+        content = field_text(turn, content_key, where, allow_empty=(role == "system"),
                         field_name=f"{turn_field}.{content_key}")
         if role == "system":
             if index != 0:
@@ -266,12 +313,12 @@ def to_conversation(record: dict, fmt: str, where: str) -> Conversation:
 
 
 def _alpaca(record: dict, where: str) -> Conversation:
-    instruction = _text(record, "instruction", where, allow_empty=True)
-    user_input = _text(record, "input", where, required=False, allow_empty=True)
+    instruction = field_text(record, "instruction", where, allow_empty=True)
+    user_input = field_text(record, "input", where, required=False, allow_empty=True)
     if not instruction.strip() and not user_input.strip():
         raise MedLoRAError(f"{where}: field 'instruction': empty (and no 'input')")
-    output = _text(record, "output", where)
-    system = _text(record, "system", where, required=False, allow_empty=True) or None
+    output = field_text(record, "output", where)
+    system = field_text(record, "system", where, required=False, allow_empty=True) or None
     messages = []
     history = record.get("history") or []
     if not isinstance(history, list):

@@ -28,14 +28,20 @@ class EncodedExample:
 class EncodingReport:
     examples: list
     dropped: Counter = field(default_factory=Counter)  # reason -> count
-    truncated: int = 0
-    lengths: list = field(default_factory=list)  # token length of every kept example
+    truncated: int = 0  # kept examples that were cut at cutoff_len (dropped ones are counted in `dropped`)
+    source_lengths: list = field(default_factory=list)  # every record's token length before truncation
 
     def percentiles(self, points=(5, 50, 95, 100)) -> dict:
-        ordered = sorted(self.lengths)
+        """Token lengths of the records as they are, before truncation (what --cutoff_len should be judged by)."""
+        ordered = sorted(self.source_lengths)
         if not ordered:
             return {}
         return {p: ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] for p in points}
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the kept examples, after truncation."""
+        return sum(len(example.input_ids) for example in self.examples)
 
     @property
     def trained_tokens(self) -> int:
@@ -70,14 +76,14 @@ class ConversationEncoder:
         report = EncodingReport([])
         for start in range(0, len(conversations), batch_size):
             for input_ids, labels in self._encode_batch(conversations[start:start + batch_size]):
+                report.source_lengths.append(len(input_ids))
                 if self.cutoff_len and len(input_ids) > self.cutoff_len:
-                    report.truncated += 1
                     input_ids, labels = input_ids[: self.cutoff_len], labels[: self.cutoff_len]
                     if all(label == IGNORE_INDEX for label in labels[1:]):
                         report.dropped[DROPPED_BY_TRUNCATION] += 1
                         continue
+                    report.truncated += 1
                 report.examples.append(EncodedExample(input_ids, labels))
-                report.lengths.append(len(input_ids))
         return report
 
     def encode_prompt(self, conversation: Conversation) -> list:

@@ -64,6 +64,8 @@ def test_skip_bad_records_keeps_the_rest_and_counts_each_reason(tmp_path):
     assert len(loaded.conversations) == 21
     assert loaded.skipped == {"field 'conversations[1].value': empty": 1, "expected a JSON object, got str": 1,
                               "field 'conversations': the last turn must be the assistant's reply": 1}
+    assert [problem.split(": ")[1] for problem in loaded.skipped_records] == [
+        f"record {number}" for number in sorted(BAD)]
 
 
 @pytest.mark.slow
@@ -79,4 +81,11 @@ def test_finetune_refuses_a_file_with_bad_records_then_trains_on_the_rest_when_a
     assert "records: 24 read, 21 used (21 train, 0 validation), 3 dropped" in trained.stdout
     assert "1 dropped: field 'conversations[1].value': empty" in trained.stdout
     assert "1 dropped: expected a JSON object, got str" in trained.stdout
+    # Exactly which records were dropped, each with its place and reason.
+    skipped = [line.strip() for line in trained.stdout.splitlines() if line.startswith("  skipped: ")]
+    assert skipped == [f"skipped: {problem}" for problem in load_bad_problems(data)]
     assert (output_dir / "adapter_model.safetensors").is_file()
+
+
+def load_bad_problems(data) -> list:
+    return load_conversations(data, skip_bad_records=True).skipped_records

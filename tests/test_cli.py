@@ -100,3 +100,37 @@ def test_out_of_range_numbers_are_refused_before_any_work(tmp_path, flags, messa
                        **{flags[0][2:]: flags[1]})
     assert str(raised.value) == message
     assert not output_dir.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_says_where_it_stopped_and_how_to_resume(tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from medlora.run_folder import CHECKPOINT_COMPLETE
+    from tests.conftest import ROOT, TINY
+
+    output_dir = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "finetune.py", "--base_model", TINY, "--output_dir", str(output_dir), "--max_steps", "500",
+         "--batch_size", "4", "--micro_batch_size", "4", "--val_set_size", "0", "--cutoff_len", "64", "--save_steps", "2"],
+        cwd=ROOT, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (output_dir / "checkpoint-2" / CHECKPOINT_COMPLETE).exists():
+        assert process.poll() is None and time.time() < deadline, "no checkpoint was written"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"training interrupted at step (\d+) of 500; the last complete checkpoint is (.+); rerun the "
+                         r"same command with --resume_from_checkpoint True to continue from it", last)
+    assert match, last
+    checkpoint = match.group(2)
+    assert (ROOT / checkpoint).is_dir()  # absolute, or relative to where the command ran
+    assert int(checkpoint.rsplit("-", 1)[1]) <= int(match.group(1))
+    assert not (output_dir / "adapter_model.safetensors").exists()  # nothing presented as a finished run

@@ -75,3 +75,53 @@ def test_no_script_opens_with_the_bitsandbytes_cpu_notice():
         stderr = process.communicate(timeout=300)[1]
         assert process.returncode == 0, f"import {name}: {stderr[-2000:]}"
         assert "kernels-community" not in stderr, f"{name}.py: {stderr[-2000:]}"
+
+
+def documented_commands() -> list:
+    """(file, command) for every `python X.py ...` / `torchrun ... X.py ...` line in README.md and docs/*.md code
+    blocks, backslash continuations joined and trailing comments dropped."""
+    import re
+
+    commands = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        in_block, pending = False, ""
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.lstrip().startswith("```"):
+                in_block, pending = not in_block, ""
+                continue
+            if not in_block:
+                continue
+            line = pending + " " + line.split("  #")[0].strip() if pending else line.split("  #")[0].strip()
+            if line.endswith("\\"):
+                pending = line[:-1].strip()
+                continue
+            pending = ""
+            if re.search(r"(^|\s)(python|torchrun)\b.*?\b\w+\.py\b", line) and not line.startswith("#"):
+                commands.append((path.name, line))
+    return commands
+
+
+def test_every_documented_command_uses_only_flags_its_script_has():
+    """A renamed or removed flag breaks the documented commands that use it: caught here, at once."""
+    import re
+    import shlex
+
+    from medlora.cli import unknown_flag_error
+    from medlora.flags import canonical_argv
+
+    checked, problems = 0, []
+    for source, command in documented_commands():
+        words = shlex.split(command.replace("...", ""))
+        script = next((word for word in words if re.fullmatch(r"\w+\.py", word)), None)
+        if script is None or not (ROOT / script).is_file():
+            continue
+        if script.startswith(("merge", "benchmark")) or script == "demo.py":
+            continue
+        argv = words[words.index(script) + 1:]
+        function = stage_function(script[:-3])
+        problem = unknown_flag_error(function, canonical_argv(function, argv))
+        if problem:
+            problems.append(f"{source}: {command}: {problem}")
+        checked += 1
+    assert checked >= 40
+    assert problems == []

@@ -116,3 +116,67 @@ def test_real_seed_project_files_load_and_tokenize(relative, count, fmt, tiny_to
     report = encoder.encode(loaded.conversations[:300])
     assert len(report.examples) + sum(report.dropped.values()) == 300
     assert all(any(label != -100 for label in e.labels) for e in report.examples)
+
+
+# ---- dialogues packed into one field ------------------------------------------------------------------------
+PACKED = [
+    {"instruction": "Human: I have a cough.\nAssistant: How long has it lasted?\nHuman: Two weeks, with fever.",
+     "output": "See a doctor: a cough with fever for two weeks needs an examination."},
+    {"instruction": "If you are a doctor, answer the patient.", "input": "<user>: My knee hurts. <bot>: Since when? "
+     "<user>: Since a fall yesterday. <bot>:", "output": "Rest it, use ice, and get an X-ray if you cannot bear weight."},
+    {"instruction": "患者：我头痛三天了。\n医生：有发烧吗？\n患者：没有。", "output": "多休息，多喝水；如果加重请就医。"},
+    {"instruction": "What helps a sore throat? Answer as a doctor would.", "output": "Fluids, rest and lozenges."},
+]
+
+
+def test_packed_dialogues_are_counted_and_left_alone_unless_asked(tmp_path):
+    from medlora.records import load_conversations
+
+    path = tmp_path / "packed.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PACKED), encoding="utf-8")
+    loaded = load_conversations(path)
+    assert dict(loaded.packed_dialogues) == {("Human", "Assistant"): 1, ("<user>", "<bot>"): 1, ("患者", "医生"): 1}
+    assert [len(c.messages) for c in loaded.conversations] == [2, 2, 2, 2]
+    assert loaded.describe_packed_dialogues() == (
+        "packed dialogues: 3 records hold a whole dialogue in one field (1 with 'Human:'/'Assistant:', 1 with "
+        "'<user>:'/'<bot>:', 1 with '患者:'/'医生:'): trained as one long instruction with the markers as text; "
+        "--split_dialogues makes them real turns")
+
+
+def test_split_dialogues_makes_real_turns_and_trains_every_reply(tmp_path, tiny_tokenizer):
+    from medlora.records import load_conversations
+    from medlora.templates import PromptTemplate
+    from medlora.tokenization import IGNORE_INDEX, ConversationEncoder
+
+    path = tmp_path / "packed.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PACKED), encoding="utf-8")
+    loaded = load_conversations(path, split_dialogues=True)
+    human, bot, chinese, plain = loaded.conversations
+    assert human.messages == [
+        {"role": "user", "content": "I have a cough."}, {"role": "assistant", "content": "How long has it lasted?"},
+        {"role": "user", "content": "Two weeks, with fever."}, {"role": "assistant", "content": PACKED[0]["output"]}]
+    assert bot.messages == [
+        {"role": "user", "content": "If you are a doctor, answer the patient.\nMy knee hurts."},
+        {"role": "assistant", "content": "Since when?"}, {"role": "user", "content": "Since a fall yesterday."},
+        {"role": "assistant", "content": PACKED[1]["output"]}]
+    assert [m["role"] for m in chinese.messages] == ["user", "assistant", "user", "assistant"]
+    assert chinese.messages[1]["content"] == "有发烧吗？"
+    assert len(plain.messages) == 2
+    assert "split into turns" in loaded.describe_packed_dialogues()
+    # Both replies of the split record are trained: their token runs are labelled, the user turns are not.
+    example = ConversationEncoder(tiny_tokenizer, PromptTemplate.load("alpaca")).encode([human]).examples[0]
+    trained_text = tiny_tokenizer.decode([t for t, label in zip(example.input_ids, example.labels)
+                                          if label != IGNORE_INDEX])
+    assert "How long has it lasted?" in trained_text and "needs an examination" in trained_text
+    assert "I have a cough" not in trained_text and "Two weeks" not in trained_text
+
+
+def test_a_packed_dialogue_that_cannot_be_split_is_named(tmp_path):
+    from medlora.errors import MedLoRAError
+    from medlora.records import load_conversations
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"instruction": "Human: Hi\nAssistant: Hello, what is wrong?", "output": "x"}) + "\n")
+    with pytest.raises(MedLoRAError, match=r"bad.jsonl: record 1: field 'instruction': the packed dialogue ends "
+                                           r"with an 'Assistant:' turn"):
+        load_conversations(path, split_dialogues=True)

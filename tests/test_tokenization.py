@@ -99,14 +99,20 @@ def test_truncation_that_leaves_no_reply_token_drops_and_counts(tiny_tokenizer):
     full, _ = encode(tiny_tokenizer, ALPACA)
     first_trained = runs(full.examples[0].labels)[0][0]
     report, _ = encode(tiny_tokenizer, ALPACA, cutoff_len=first_trained)
-    assert report.examples == [] and report.truncated == 1
+    assert report.examples == [] and report.truncated == 0  # dropped, not counted as kept-and-cut
     assert report.dropped == {DROPPED_BY_TRUNCATION: 1}
+    assert report.source_lengths == [len(full.examples[0].input_ids)]
 
 
 def test_report_statistics(tiny_tokenizer):
     encoder = ConversationEncoder(tiny_tokenizer, PromptTemplate.load("alpaca"), cutoff_len=2048)
     report = encoder.encode([ALPACA, MULTI, ALPACA])
     lengths = [len(e.input_ids) for e in report.examples]
-    assert report.lengths == lengths
+    assert report.source_lengths == lengths and report.tokens == sum(lengths)
     assert report.percentiles()[100] == max(lengths) and report.percentiles()[5] == min(lengths)
+    # Percentiles describe the data as it is: a cut record counts with its whole length.
+    cut = ConversationEncoder(tiny_tokenizer, PromptTemplate.load("alpaca"), cutoff_len=min(lengths) - 1).encode(
+        [ALPACA, MULTI, ALPACA])
+    assert cut.source_lengths == lengths and cut.percentiles()[100] == max(lengths)
+    assert cut.truncated + sum(cut.dropped.values()) == 3 and cut.tokens < sum(lengths)
     assert report.trained_tokens == sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in report.examples)
