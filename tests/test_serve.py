@@ -1,0 +1,315 @@
+"""serve.py's OpenAI-compatible API, through a real server on 127.0.0.1 and the official openai client.
+
+Most tests share one in-process server (uvicorn in a thread) of the tiny model with two adapters; the
+answers are greedy, so they can be compared exactly with chat.py --prompt and the generation core."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from safetensors.torch import load_file, save_file
+
+from medlora.generation import DISCLAIMER, ChatModel, GenerationSettings
+from medlora.serving import ServedModels, create_app
+from tests.conftest import ROOT, TINY, run_script
+
+KEY = "test-key-123"
+MAX_TOKENS = 12
+SERVER_DEFAULTS = GenerationSettings(temperature=0.7, repetition_penalty=3.0, max_new_tokens=MAX_TOKENS)
+GREEDY = GenerationSettings(temperature=0, repetition_penalty=3.0, max_new_tokens=MAX_TOKENS)
+QUESTION = "I have had a dry cough for a week."
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class InProcessServer:
+    def __init__(self, app):
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, api_key=KEY, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, **kwargs)
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=10).json()
+
+
+@pytest.fixture(scope="module")
+def second_adapter(tiny_adapter, tmp_path_factory):
+    """A second, different adapter: the tiny adapter with its LoRA B matrices negated."""
+    folder = tmp_path_factory.mktemp("adapter2") / "lora2"
+    folder.mkdir()
+    for path in tiny_adapter.iterdir():
+        if path.is_file():
+            (folder / path.name).write_bytes(path.read_bytes())
+    weights = load_file(str(tiny_adapter / "adapter_model.safetensors"))
+    save_file({name: -tensor if "lora_B" in name else tensor for name, tensor in weights.items()},
+              str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(tiny_adapter, second_adapter):
+    return ServedModels.load(TINY, {"medic": str(tiny_adapter), "medic-b": str(second_adapter)})
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    with InProcessServer(create_app(served, SERVER_DEFAULTS, api_key=KEY, max_concurrency=1, max_queue=8)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def references(tiny_adapter, second_adapter):
+    """Greedy answers of the generation core, each model loaded on its own."""
+    messages = [{"role": "user", "content": QUESTION}]
+    return {name: ChatModel.load(TINY if path is None else None, path).answer(messages, settings=GREEDY)
+            for name, path in ((TINY, None), ("medic", str(tiny_adapter)), ("medic-b", str(second_adapter)))}
+
+
+def ask(client, model, stream=False, **kwargs):
+    """(answer, finish_reason, usage) of one chat completion, streamed or not."""
+    request = dict(model=model, messages=[{"role": "user", "content": QUESTION}], **({"temperature": 0} | kwargs))
+    if not stream:
+        response = client.chat.completions.create(**request)
+        return response.choices[0].message.content, response.choices[0].finish_reason, response.usage
+    text, finish_reason, usage = "", None, None
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **request):
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish_reason = chunk.choices[0].finish_reason or finish_reason
+        if chunk.usage is not None:
+            usage = chunk.usage
+    return text, finish_reason, usage
+
+
+def test_greedy_answers_equal_chat_py_streamed_or_not(server, tiny_adapter, served):
+    chat_py = run_script("chat.py", "--lora_weights", tiny_adapter, "--prompt", QUESTION, "--temperature", "0",
+                         "--repetition_penalty", "3", "--max_new_tokens", MAX_TOKENS).stdout.strip()
+    assert chat_py
+    client = server.client()
+    prompt_tokens = len(served.get("medic").chat.prompt_for([{"role": "user", "content": QUESTION}]).input_ids)
+    for stream in (False, True):
+        answer, finish_reason, usage = ask(client, "medic", stream=stream)
+        assert answer == chat_py
+        # the tiny adapter does not stop by itself: the answer ends at max_tokens
+        assert finish_reason == "length"
+        assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == \
+            (prompt_tokens, MAX_TOKENS, prompt_tokens + MAX_TOKENS)
+    # max_completion_tokens (OpenAI's newer name) and max_tokens both cap the answer
+    assert ask(client, "medic", max_completion_tokens=4)[2].completion_tokens == 4
+    assert ask(client, "medic", max_tokens=5)[2].completion_tokens == 5
+
+
+def test_model_picks_the_adapter_or_the_base(server, references):
+    client = server.client()
+    assert len(set(references.values())) == 3  # three different models
+    for name in ("medic", TINY, "medic-b", "medic", TINY):  # switching back and forth
+        assert ask(client, name)[0] == references[name], name
+    models = {model.id: model for model in client.models.list()}
+    assert set(models) == {TINY, "medic", "medic-b"}
+    assert models["medic"].model_extra["medlora"]["disclaimer"] == DISCLAIMER
+    assert models["medic"].model_extra["parent"] == TINY and models[TINY].model_extra["parent"] is None
+    with pytest.raises(openai.NotFoundError) as refused:
+        ask(client, "gpt-4o")
+    assert refused.value.status_code == 404
+    assert "served: builtin:tiny-llama, medic, medic-b" in refused.value.message
+
+
+def test_stop_strings_end_the_answer(server, references):
+    client = server.client()
+    full = references["medic"]
+    stop = full.split()[len(full.split()) // 2]  # a word from the middle of the greedy answer
+    expected = full[: full.find(stop)].strip()
+    for stream in (False, True):
+        answer, finish_reason, usage = ask(client, "medic", stream=stream, stop=[stop, "never-in-the-answer"])
+        assert (answer, finish_reason) == (expected, "stop")
+        assert usage.completion_tokens < MAX_TOKENS
+
+
+def test_seed_makes_sampling_repeatable(server):
+    client = server.client()
+    sampled = [ask(client, "medic", seed=7, temperature=1.0)[0] for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_wrong_or_missing_key_is_refused(server):
+    for key in ("wrong-key", ""):
+        with pytest.raises(openai.AuthenticationError) as refused:
+            server.client(api_key=key).models.list()
+        assert refused.value.status_code == 401
+        assert refused.value.body["code"] == "invalid_api_key"
+    assert server.health()["status"] == "ok"  # /health needs no key
+
+
+def test_malformed_requests_get_openai_errors(server):
+    client = server.client()
+    bad = [
+        (dict(temperature=5), "temperature"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
+        (dict(messages=[{"role": "assistant", "content": "hi"}]), "messages"),
+        (dict(messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]), "messages.1.role"),
+        (dict(messages=[{"role": "user", "content": 5}]), "messages.0.content"),
+        (dict(max_tokens=5000), "messages"),  # beyond the model's context
+    ]
+    for fields, param in bad:
+        request = dict(model="medic", messages=[{"role": "user", "content": QUESTION}]) | fields
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**request)
+        assert refused.value.status_code == 400
+        assert refused.value.body["param"] == param and refused.value.body["type"] == "invalid_request_error"
+    # fields MedLoRA does not use are ignored, as OpenAI-compatible servers do
+    answer = client.chat.completions.create(model="medic", messages=[{"role": "user", "content": QUESTION}],
+                                            temperature=0, user="clinic-7", extra_body={"top_k_custom": 3})
+    assert answer.choices[0].message.content
+    raw = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json",
+                     headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert raw.status_code == 400 and set(raw.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_disconnect_stops_generation(server):
+    client = server.client()
+    before = server.health()
+    stream = client.chat.completions.create(model="medic", messages=[{"role": "user", "content": QUESTION}],
+                                            temperature=0, max_tokens=1800, stream=True)
+    received = 0
+    for chunk in stream:
+        received += bool(chunk.choices and chunk.choices[0].delta.content)
+        if received == 3:
+            break
+    stream.close()
+    deadline = time.time() + 30
+    while (health := server.health())["running"] or health["cancelled"] == before["cancelled"]:
+        assert time.time() < deadline, f"the generation went on after the client left: {health}"
+        time.sleep(0.1)
+    generated = health["generated_tokens"] - before["generated_tokens"]
+    assert health["cancelled"] == before["cancelled"] + 1
+    assert 3 <= generated < 600, generated  # stopped early, not at max_tokens (1800)
+    assert ask(client, "medic")[0]  # and the server goes on answering
+
+
+def test_load_of_50_requests_is_answered_or_refused_at_once(served, references):
+    with InProcessServer(create_app(served, SERVER_DEFAULTS, max_concurrency=1, max_queue=3)) as server:
+        def one(index):
+            client = server.client(api_key="unused", max_retries=0, timeout=120)
+            try:
+                return ask(client, "medic", stream=index % 2 == 0, max_tokens=8)
+            except openai.RateLimitError as refused:
+                assert refused.status_code == 429 and refused.response.headers["retry-after"] == "1"
+                return "refused"
+
+        started = time.time()
+        with ThreadPoolExecutor(50) as pool:
+            outcomes = list(pool.map(one, range(50)))
+        answers = [outcome for outcome in outcomes if outcome != "refused"]
+        expected = ChatModel.load(lora_weights=served.get("medic").path).answer(
+            [{"role": "user", "content": QUESTION}], settings=GenerationSettings(
+                temperature=0, repetition_penalty=3.0, max_new_tokens=8))
+        assert len(answers) >= 4 and outcomes.count("refused") >= 1  # 1 running + 3 queued at least
+        assert all(answer[:2] == (expected, "length") for answer in answers)
+        assert time.time() - started < 120
+        health = server.health()
+        assert (health["running"], health["queued"]) == (0, 0)
+        assert health["refused"] == outcomes.count("refused") and health["completed"] == len(answers)
+        assert ask(server.client(max_retries=0), "medic")[0] == references["medic"]
+
+
+def test_serve_py_help_documents_every_flag():
+    import inspect
+
+    import serve
+
+    result = run_script("serve.py", "--help", env=dict(os.environ, PAGER="cat"))
+    for name in inspect.signature(serve.main).parameters:
+        assert f"--{name}" in result.stdout + result.stderr
+        assert f"        {name}: " in serve.main.__doc__, name
+
+
+def serve_script(*flags, env=None):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), "--log_level", "warning", *flags],
+                               cwd=ROOT, env=dict(os.environ, **(env or {})), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while True:
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        assert time.time() < deadline, "serve.py did not start"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process, f"http://127.0.0.1:{port}/v1"
+        except httpx.TransportError:
+            time.sleep(0.5)
+
+
+def stop(process):
+    process.terminate()
+    output = process.communicate(timeout=60)[0]
+    assert "Traceback" not in output, output[-3000:]
+    return output
+
+
+def test_serve_py_script_with_key_from_the_environment(tiny_adapter, references):
+    process, base_url = serve_script("--lora_weights", f"medic={tiny_adapter}", "--repetition_penalty", "3",
+                                     "--max_new_tokens", MAX_TOKENS, env={"MEDLORA_API_KEY": KEY})
+    try:
+        client = openai.OpenAI(base_url=base_url, api_key=KEY)
+        assert ask(client, "medic", stream=True)[0] == references["medic"]
+        assert ask(client, TINY)[0] == references[TINY]  # the base model by its own name
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base_url, api_key="nope").models.list()
+    finally:
+        output = stop(process)
+    assert DISCLAIMER in output and "127.0.0.1" in output
+
+
+def test_serve_py_bad_adapter_flag_is_one_line():
+    result = run_script("serve.py", "--lora_weights", "medic=/no/such/folder", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --lora_weights medic=/no/such/folder: no such folder"
+
+
+@pytest.mark.slow
+def test_serve_py_streams_the_default_model():
+    process, base_url = serve_script()
+    try:
+        client = openai.OpenAI(base_url=base_url, api_key="unused")
+        model = client.models.list().data[0].id
+        assert model == "builtin:smollm2-135m-instruct"
+        pieces = [chunk.choices[0].delta.content for chunk in client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "What is a fever?"}], temperature=0, max_tokens=24,
+            stream=True) if chunk.choices and chunk.choices[0].delta.content]
+        whole = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is a fever?"}],
+                                               temperature=0, max_tokens=24)
+        assert len(pieces) > 3 and "".join(pieces) == whole.choices[0].message.content
+    finally:
+        stop(process)
