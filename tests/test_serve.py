@@ -163,11 +163,14 @@ def test_seed_makes_sampling_repeatable(server):
 
 
 def test_wrong_or_missing_key_is_refused(server):
-    for key in ("wrong-key", ""):
-        with pytest.raises(openai.AuthenticationError) as refused:
-            server.client(api_key=key).models.list()
-        assert refused.value.status_code == 401
-        assert refused.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError) as refused:
+        server.client(api_key="wrong-key").models.list()
+    assert refused.value.status_code == 401 and refused.value.body["code"] == "invalid_api_key"
+    # no key at all (the openai client insists on one): the same refusal
+    for path in ("/v1/models", "/v1/chat/completions"):
+        response = httpx.request("GET" if path == "/v1/models" else "POST", server.url + path, timeout=10,
+                                 json={"model": "medic", "messages": [{"role": "user", "content": QUESTION}]})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
     assert server.health()["status"] == "ok"  # /health needs no key
 
 
@@ -177,7 +180,8 @@ def test_malformed_requests_get_openai_errors(server):
         (dict(temperature=5), "temperature"),
         (dict(max_tokens=0), "max_tokens"),
         (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
-        (dict(messages=[{"role": "assistant", "content": "hi"}]), "messages"),
+        (dict(messages=[{"role": "assistant", "content": "hi"}]), "messages.0.role"),
+        (dict(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]), "messages"),
         (dict(messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]), "messages.1.role"),
         (dict(messages=[{"role": "user", "content": 5}]), "messages.0.content"),
         (dict(max_tokens=5000), "messages"),  # beyond the model's context
@@ -257,7 +261,7 @@ def test_serve_py_help_documents_every_flag():
 
 def serve_script(*flags, env=None):
     port = free_port()
-    process = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), "--log_level", "warning", *flags],
+    process = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), "--log_level", "warning", *map(str, flags)],
                                cwd=ROOT, env=dict(os.environ, **(env or {})), text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
