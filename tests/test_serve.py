@@ -317,3 +317,32 @@ def test_serve_py_streams_the_default_model():
         assert len(pieces) > 3 and "".join(pieces) == whole.choices[0].message.content
     finally:
         stop(process)
+
+
+def test_gate_runs_one_adapter_at_a_time_in_arrival_order():
+    """GenerationGate alone (no model): two may run at once, on one adapter; others wait in order; beyond the queue,
+    refused."""
+    import asyncio
+
+    from medlora.serving import GenerationGate
+
+    async def scenario():
+        selected = []
+        gate = GenerationGate(selected.append, max_concurrency=2, max_queue=2)
+        tickets = [gate.admit(name) for name in ("a", "a", "b", "a")]
+        assert gate.admit("a") is None  # 2 running + 2 queued: full
+        waits = [asyncio.ensure_future(gate.acquire(ticket)) for ticket in tickets]
+        await asyncio.sleep(0)
+        assert [ticket.state for ticket in tickets] == ["running", "running", "queued", "queued"]
+        gate.close(tickets[0])
+        assert tickets[2].state == "queued" and tickets[3].state == "queued"  # b waits for a; a waits behind b
+        gate.close(tickets[1])
+        assert [tickets[2].state, tickets[3].state] == ["running", "queued"]  # b alone: another adapter
+        gate.close(tickets[2])
+        await asyncio.gather(*waits)
+        assert tickets[3].state == "running" and selected == ["a", "b", "a"]
+        gate.close(tickets[3])
+        gate.close(tickets[3])  # closing twice changes nothing
+        assert (gate.running, gate.queued) == (0, 0) and gate.admit("b") is not None
+
+    asyncio.run(scenario())
