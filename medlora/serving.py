@@ -25,7 +25,13 @@ from pathlib import Path
 
 from medlora.api_requests import APIError, parse_chat_request
 from medlora.errors import MedLoRAError
-from medlora.generation import DISCLAIMER, ChatModel, GenerationReport, GenerationSettings, exported_template
+from medlora.generation import (
+    DISCLAIMER,
+    ChatModel,
+    GenerationReport,
+    GenerationSettings,
+    exported_template,
+)
 
 logger = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 1
@@ -72,7 +78,11 @@ class ServedModels:
     @classmethod
     def load(cls, base_model: str = "", adapters: dict | None = None, prompt_template: str = "", **load_kwargs):
         """load_kwargs: ChatModel.load's load_8bit, load_4bit, device, precision, trust_remote_code."""
-        from medlora.builtin_models import DEFAULT_BASE_MODEL, default_template_for, is_builtin
+        from medlora.builtin_models import (
+            DEFAULT_BASE_MODEL,
+            default_template_for,
+            is_builtin,
+        )
         from medlora.modeling import InferenceModel
         from medlora.run_settings import load_run_settings
 

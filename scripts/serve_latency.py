@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from medlora import cli  # noqa: E402
+from medlora import cli
 
 QUESTION = "What are the common causes of a persistent dry cough, and when should someone see a doctor?"
 
