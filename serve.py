@@ -2,13 +2,13 @@
 
     python serve.py                                                # the default model on http://127.0.0.1:8000/v1
     python serve.py --lora_weights ./lora-medlora                  # the base, and the adapter as model "lora-medlora"
-    python serve.py --lora_weights "triage=./lora-triage,notes=./lora-notes" --api_key "$(cat key.txt)"
+    MEDLORA_API_KEY="$(cat key.txt)" python serve.py --lora_weights "triage=./lora-triage,notes=./lora-notes"
     python serve.py --help                                         # every flag
 
 Any OpenAI client then talks to it:
 
     from openai import OpenAI
-    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused-without---api_key")
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")  # the key if one is set
     client.chat.completions.create(model="builtin:smollm2-135m-instruct", messages=[...], stream=True)
 
 The request's `model` picks an adapter by its name, or the base model by its own name (GET /v1/models

@@ -296,10 +296,18 @@ def test_serve_py_script_with_key_from_the_environment(tiny_adapter, references)
     assert DISCLAIMER in output and "127.0.0.1" in output
 
 
-def test_serve_py_bad_adapter_flag_is_one_line():
-    result = run_script("serve.py", "--lora_weights", "medic=/no/such/folder", check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip() == "error: --lora_weights medic=/no/such/folder: no such folder"
+def test_lora_weights_flag_names_adapters(tiny_adapter, second_adapter):
+    from medlora.errors import MedLoRAError
+    from medlora.serving import parse_adapters
+
+    assert parse_adapters(f"medic={tiny_adapter}, {second_adapter}") == {"medic": str(tiny_adapter),
+                                                                          "lora2": str(second_adapter)}
+    for spec, message in ((f"a={tiny_adapter},a={second_adapter}", "--lora_weights: the name 'a' is given twice"),
+                          ("medic=/no/such/folder", "--lora_weights medic=/no/such/folder: no such folder"),
+                          (f"={tiny_adapter}", f"--lora_weights '={tiny_adapter}': write name=path")):
+        with pytest.raises(MedLoRAError) as refused:
+            parse_adapters(spec)
+        assert str(refused.value).startswith(message)
 
 
 @pytest.mark.slow
@@ -310,10 +318,10 @@ def test_serve_py_streams_the_default_model():
         model = client.models.list().data[0].id
         assert model == "builtin:smollm2-135m-instruct"
         pieces = [chunk.choices[0].delta.content for chunk in client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "What is a fever?"}], temperature=0, max_tokens=24,
+            model=model, messages=[{"role": "user", "content": "What is a fever?"}], temperature=0, max_tokens=12,
             stream=True) if chunk.choices and chunk.choices[0].delta.content]
         whole = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is a fever?"}],
-                                               temperature=0, max_tokens=24)
+                                               temperature=0, max_tokens=12)
         assert len(pieces) > 3 and "".join(pieces) == whole.choices[0].message.content
     finally:
         stop(process)
