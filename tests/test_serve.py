@@ -222,8 +222,23 @@ def test_disconnect_stops_generation(server):
     assert ask(client, "medic")[0]  # and the server goes on answering
 
 
+def test_abandoned_plain_request_stops_generation(server):
+    """A non-streamed request whose client gives up (here: a read timeout) is cancelled too."""
+    before = server.health()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=1.5,
+                   json={"model": "medic", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 1800,
+                         "temperature": 0})
+    deadline = time.time() + 30
+    while (health := server.health())["running"] or health["cancelled"] == before["cancelled"]:
+        assert time.time() < deadline, f"the generation went on after the client left: {health}"
+        time.sleep(0.1)
+    assert health["generated_tokens"] - before["generated_tokens"] < 1800
+
+
 def test_load_of_50_requests_is_answered_or_refused_at_once(served, references):
-    with InProcessServer(create_app(served, SERVER_DEFAULTS, max_concurrency=1, max_queue=3)) as server:
+    # two answers generated at once (threads on one model), three waiting
+    with InProcessServer(create_app(served, SERVER_DEFAULTS, max_concurrency=2, max_queue=3)) as server:
         def one(index):
             client = server.client(api_key="unused", max_retries=0, timeout=120)
             try:
@@ -239,7 +254,7 @@ def test_load_of_50_requests_is_answered_or_refused_at_once(served, references):
         expected = ChatModel.load(lora_weights=served.get("medic").path).answer(
             [{"role": "user", "content": QUESTION}], settings=GenerationSettings(
                 temperature=0, repetition_penalty=3.0, max_new_tokens=8))
-        assert len(answers) >= 4 and outcomes.count("refused") >= 1  # 1 running + 3 queued at least
+        assert len(answers) >= 5 and outcomes.count("refused") >= 1  # 2 running + 3 queued at least
         assert all(answer[:2] == (expected, "length") for answer in answers)
         assert time.time() - started < 120
         health = server.health()
