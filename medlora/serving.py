@@ -263,7 +263,9 @@ def create_app(models: ServedModels, defaults: GenerationSettings, api_key: str 
         try:
             prompt = served.chat.prompt_for(chat_request.messages, chat_request.system, settings.max_new_tokens)
         except MedLoRAError as error:
-            raise APIError(400, str(error), param="messages", code="context_length_exceeded") from None
+            too_long = "too long" in str(error)
+            raise APIError(400, str(error), param="messages",
+                           code="context_length_exceeded" if too_long else "invalid_value") from None
         ticket = gate.admit(served.name)
         if ticket is None:
             stats.refused += 1
@@ -332,11 +334,10 @@ class Generation:
             self.gate.close(self.ticket)
 
     def usage(self) -> dict:
-        prompt_tokens, completion_tokens = len(self.input_ids), self.report.completion_tokens
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        prompt, completion = len(self.input_ids), self.report.completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _finish_reason(self) -> str:
+    def _finish_reason(self) -> str:  # OpenAI's: a cancelled answer has no reader left
         return "length" if self.report.finish_reason == "length" else "stop"
 
     async def complete(self, request) -> dict:

@@ -192,6 +192,9 @@ def test_malformed_requests_get_openai_errors(server):
             client.chat.completions.create(**request)
         assert refused.value.status_code == 400
         assert refused.value.body["param"] == param and refused.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="medic", messages=[{"role": "user", "content": QUESTION}], max_tokens=5000)
+    assert refused.value.body["code"] == "context_length_exceeded" and "2048" in refused.value.message
     # fields MedLoRA does not use are ignored, as OpenAI-compatible servers do
     answer = client.chat.completions.create(model="medic", messages=[{"role": "user", "content": QUESTION}],
                                             temperature=0, user="clinic-7", extra_body={"top_k_custom": 3})
