@@ -18,6 +18,8 @@ The top-level scripts (finetune.py, generate.py, chat.py, ...) are thin; what th
   run_settings      the JSON of resolved settings saved next to every adapter
   generation        the chat core: prompts, streaming, stop strings, history trimming
   web_ui            generate.py's Gradio page
+  serving           serve.py's OpenAI-compatible API: adapters on one base, the bounded queue, SSE
+  api_requests      validating its requests, and OpenAI's error shape
   predictions       generate.py's batch mode
   questions         multiple-choice question files (evaluate.py)
   evaluation        scoring them, and perplexity (evaluate.py)

@@ -88,6 +88,26 @@ class PreparedPrompt:
     dropped_exchanges: int  # oldest user/assistant pairs left out to fit the context
 
 
+@dataclass
+class GenerationReport:
+    """How a generation ended, for callers that account for it (the API server's usage and finish_reason)."""
+    completion_tokens: int = 0  # tokens generated (up to and including EOS or the token that completed a stop string)
+    finish_reason: str = ""  # stop (EOS or a stop string), length (max_new_tokens reached), cancelled
+
+    def fill(self, new_ids: list, stopped: bool, eos_token_ids: list, max_new_tokens: int, cancel) -> None:
+        # generate() pads finished beams/sequences with pad tokens; count up to the first EOS
+        ends = [index for index, token in enumerate(new_ids) if token in eos_token_ids]
+        self.completion_tokens = ends[0] + 1 if ends else len(new_ids)
+        if stopped or ends:
+            self.finish_reason = "stop"
+        elif cancel is not None and cancel.is_set():
+            self.finish_reason = "cancelled"
+        elif self.completion_tokens >= max_new_tokens:
+            self.finish_reason = "length"
+        else:
+            self.finish_reason = "stop"
+
+
 class StopStrings:
     """Finds the template's stop strings in generated text, and holds back a tail that may be the
     beginning of one, so that a streamed answer never shows text that is later taken back."""
@@ -231,12 +251,15 @@ class ChatModel:
                cancel: threading.Event | None = None) -> str:
         return final_text(self.stream(messages, system, settings, cancel))
 
-    def stream_prompt(self, input_ids: list, settings: GenerationSettings, cancel: threading.Event | None = None):
+    def stream_prompt(self, input_ids: list, settings: GenerationSettings, cancel: threading.Event | None = None,
+                      stop: list | None = None, report: "GenerationReport | None" = None):
         """Generate from prompt ids in a background thread; yield the answer as it grows (stripped, stop
-        strings trimmed). Beam search is not streamed: its answer is yielded once, at the end."""
+        strings trimmed). Beam search is not streamed: its answer is yielded once, at the end.
+        stop: more stop strings besides the template's; report, when given, is filled in at the end."""
         import torch
         from transformers import TextIteratorStreamer
 
+        stop_strings = StopStrings([*self.template.stop, *(stop or [])]) if stop else self.stop_strings
         finished = threading.Event()  # set when the consumer stops listening (stop string, closed generator)
         inputs = torch.tensor([input_ids], device=self.inference.device)
         kwargs = dict(input_ids=inputs, attention_mask=torch.ones_like(inputs), **settings.generate_kwargs(),
@@ -265,7 +288,7 @@ class ChatModel:
             if streamer is not None:
                 for piece in streamer:
                     text += piece
-                    safe, stopped = self.stop_strings.cut(text)
+                    safe, stopped = stop_strings.cut(text)
                     if stopped:
                         finished.set()
                         break
@@ -276,9 +299,13 @@ class ChatModel:
             thread.join()
             if "error" in outcome:
                 raise outcome["error"]
+            new_ids = outcome["ids"][0, len(input_ids):].tolist()
             if streamer is None:
-                text = self.tokenizer.decode(outcome["ids"][0, len(input_ids):], skip_special_tokens=True)
-            yield self.stop_strings.cut(text)[0].strip()
+                text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+            final, stopped = stop_strings.cut(text)
+            if report is not None:
+                report.fill(new_ids, stopped, self.eos_token_ids, settings.max_new_tokens, cancel)
+            yield final.strip()
         finally:
             finished.set()
             thread.join()

@@ -1,0 +1,94 @@
+"""Serve a tuned model through an OpenAI-compatible API (chat completions, streamed as server-sent events).
+
+    python serve.py                                                # the default model on http://127.0.0.1:8000/v1
+    python serve.py --lora_weights ./lora-medlora                  # the base, and the adapter as model "lora-medlora"
+    MEDLORA_API_KEY="$(cat key.txt)" python serve.py --lora_weights "triage=./lora-triage,notes=./lora-notes"
+    python serve.py --help                                         # every flag
+
+Any OpenAI client then talks to it:
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")  # the key if one is set
+    client.chat.completions.create(model="builtin:smollm2-135m-instruct", messages=[...], stream=True)
+
+The request's `model` picks an adapter by its name, or the base model by its own name (GET /v1/models
+lists them). The server binds 127.0.0.1 unless told otherwise; for more than a few users, serve the
+merged export with vLLM (docs/serving.md). Answers are not medical advice.
+"""
+
+import os
+
+from medlora import cli
+from medlora.errors import MedLoRAError
+from medlora.generation import DISCLAIMER, GenerationSettings
+
+API_KEY_VARIABLE = "MEDLORA_API_KEY"
+
+
+def main(
+    base_model: str = "",
+    lora_weights: str = "",
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    prompt_template: str = "",
+    device: str = "",
+    precision: str = "auto",
+    trust_remote_code: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    top_k: int = 40,
+    max_new_tokens: int = 256,
+    repetition_penalty: float = 1.1,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str = "",
+    max_concurrency: int = 1,
+    max_queue: int = 8,
+    log_level: str = "info",
+):
+    """Serve BASE_MODEL and the LORA_WEIGHTS adapters on it at http://HOST:PORT/v1 (OpenAI chat completions).
+
+    Args:
+        base_model: Hub id, local folder (a merged export too) or builtin:NAME; default: the first adapter's base, else builtin:smollm2-135m-instruct. Requests name it by this string.
+        lora_weights: Adapters to serve on the base, loaded once: name=path,name2=path2 (a bare path is named after its folder); empty: the base alone.
+        load_8bit: Load the base in 8 bits (bitsandbytes).
+        load_4bit: Load the base in 4 bits, NF4 (bitsandbytes).
+        prompt_template: A template in templates/ for every served model; default: each adapter's own (medlora_run.json), the base's default for the base.
+        device: cuda, cuda:1, mps or cpu; default: the first available of these.
+        precision: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16.
+        trust_remote_code: Run the model repository's own Python code (only for repositories you trust).
+        temperature: Used when a request gives none; 0 is greedy decoding.
+        top_p: Nucleus sampling, used when a request gives none; 1 disables it.
+        top_k: Sampling from the k likeliest tokens (OpenAI requests cannot set it); 0 disables it.
+        max_new_tokens: Answer length when a request gives no max_tokens / max_completion_tokens.
+        repetition_penalty: For every request (OpenAI requests cannot set it; chat.py's default); 1 disables it.
+        host: Address to bind; 127.0.0.1 keeps the API on this machine. 0.0.0.0 exposes it: set --api_key then.
+        port: TCP port.
+        api_key: Require 'Authorization: Bearer KEY' on /v1 (default: the MEDLORA_API_KEY environment variable; empty: no key).
+        max_concurrency: Answers generated at once (all on the same adapter; 1 keeps a request's seed reproducible).
+        max_queue: Requests that may wait beyond those; more are refused at once with 429 and Retry-After.
+        log_level: uvicorn's log level: critical, error, warning, info, debug.
+    """
+    defaults = GenerationSettings(temperature, top_p, top_k, 1, max_new_tokens, repetition_penalty).validate()
+    if int(max_concurrency) < 1 or int(max_queue) < 0:
+        raise MedLoRAError("--max_concurrency must be >= 1 and --max_queue >= 0")
+    from medlora.serving import ServedModels, create_app, parse_adapters
+
+    adapters = parse_adapters(lora_weights)
+    api_key = str(api_key or os.environ.get(API_KEY_VARIABLE, ""))
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: serving on {host} without --api_key: anyone who can reach the port can use the model")
+    print(DISCLAIMER, flush=True)
+    models = ServedModels.load(base_model, adapters, prompt_template, load_8bit=load_8bit, load_4bit=load_4bit,
+                               device=device or None, precision=precision, trust_remote_code=trust_remote_code)
+    for served in models.by_name.values():
+        print(f"model {served.name!r}: {served.chat.describe()}", flush=True)
+    app = create_app(models, defaults, api_key, int(max_concurrency), int(max_queue))
+    import uvicorn
+
+    print(f"OpenAI-compatible API on http://{host}:{port}/v1 (Ctrl-C stops it)", flush=True)
+    uvicorn.run(app, host=host, port=int(port), log_level=log_level)
+
+
+if __name__ == "__main__":
+    cli.run(main)
