@@ -28,9 +28,9 @@ API_KEY_VARIABLE = "MEDLORA_API_KEY"
 def main(
     base_model: str = "",
     lora_weights: str = "",
-    load_8bit: bool = False,
-    load_4bit: bool = False,
-    prompt_template: str = "",
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+    prompt_template_name: str = "",
     device: str = "",
     precision: str = "auto",
     trust_remote_code: bool = False,
@@ -51,12 +51,7 @@ def main(
     Args:
         base_model: Hub id, local folder (a merged export too) or builtin:NAME; default: the first adapter's base, else builtin:smollm2-135m-instruct. Requests name it by this string.
         lora_weights: Adapters to serve on the base, loaded once: name=path,name2=path2 (a bare path is named after its folder); empty: the base alone.
-        load_8bit: Load the base in 8 bits (bitsandbytes).
-        load_4bit: Load the base in 4 bits, NF4 (bitsandbytes).
-        prompt_template: A template in templates/ for every served model; default: each adapter's own (medlora_run.json), the base's default for the base.
-        device: cuda, cuda:1, mps or cpu; default: the first available of these.
-        precision: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16.
-        trust_remote_code: Run the model repository's own Python code (only for repositories you trust).
+        prompt_template_name: A template in templates/ for every served model; default: each adapter's own (medlora_run.json), the base's default for the base.
         temperature: Used when a request gives none; 0 is greedy decoding.
         top_p: Nucleus sampling, used when a request gives none; 1 disables it.
         top_k: Sampling from the k likeliest tokens (OpenAI requests cannot set it); 0 disables it.
@@ -79,7 +74,8 @@ def main(
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {host} without --api_key: anyone who can reach the port can use the model")
     print(DISCLAIMER, flush=True)
-    models = ServedModels.load(base_model, adapters, prompt_template, load_8bit=load_8bit, load_4bit=load_4bit,
+    models = ServedModels.load(base_model, adapters, prompt_template_name, load_in_8bit=load_in_8bit,
+                               load_in_4bit=load_in_4bit,
                                device=device or None, precision=precision, trust_remote_code=trust_remote_code)
     for served in models.by_name.values():
         print(f"model {served.name!r}: {served.chat.describe()}", flush=True)

@@ -77,19 +77,19 @@ class ServedModels:
 
     @classmethod
     def load(cls, base_model: str = "", adapters: dict | None = None, prompt_template: str = "", **load_kwargs):
-        """load_kwargs: ChatModel.load's load_8bit, load_4bit, device, precision, trust_remote_code."""
+        """load_kwargs: ChatModel.load's load_in_8bit, load_in_4bit, device, precision, trust_remote_code."""
         from medlora.builtin_models import (
             DEFAULT_BASE_MODEL,
             default_template_for,
             is_builtin,
         )
         from medlora.modeling import InferenceModel
-        from medlora.run_settings import load_run_settings
+        from medlora.run_folder import RunFolder
 
         adapters = dict(adapters or {})
         names = list(adapters)
         first = ChatModel.load(base_model, adapters[names[0]] if names else None,
-                               prompt_template=prompt_template or None, **load_kwargs)
+                               prompt_template_name=prompt_template or None, **load_kwargs)
         base_name = base_model or first.inference.run_settings.get("base_model") or DEFAULT_BASE_MODEL
         if base_name in adapters:
             raise MedLoRAError(f"--lora_weights: {base_name!r} is the base model's own name; name the adapter otherwise")
@@ -98,7 +98,7 @@ class ServedModels:
         served = [ServedModel(names[0], first, "default", adapters[names[0]])]  # PEFT names the first "default"
         tokenizer = first.tokenizer
         for name in names[1:]:
-            settings = load_run_settings(adapters[name])
+            settings = RunFolder.adapter(adapters[name]).settings
             if settings.get("base_model") not in (None, base_name):
                 logger.warning("adapter %s was trained on %s; it is served on %s", name, settings["base_model"],
                                base_name)

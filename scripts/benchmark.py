@@ -468,7 +468,7 @@ def measure_data_prep(model_dir, bench, limit=None) -> dict:
         timings.append((time.perf_counter() - started, loaded - started))
     total, validate = min(timings)
     return dict(records=len(conversations), records_per_s=len(conversations) / total, seconds=total,
-                validate_seconds=validate, tokens=sum(report.lengths), trained_tokens=report.trained_tokens)
+                validate_seconds=validate, tokens=report.tokens, trained_tokens=report.trained_tokens)
 
 
 def measure_generation(model_dir, train_file, device, repeats) -> dict:

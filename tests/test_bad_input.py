@@ -148,6 +148,12 @@ CASES = [
     ("generate", ["--lora_weights", "{d}/corrupt_adapter", "--data_file", "{d}/good.jsonl", "--predictions_file",
                   "{out}"], "--lora_weights {d}/corrupt_adapter: adapter_model.safetensors: corrupt weights file"),
     ("generate", ["--server_prot", 7879], "unknown flag --server_prot; did you mean --server_port?"),
+    # ---- serve.py ----
+    ("serve", ["--max_concurrency", 0], "--max_concurrency must be >= 1"),
+    ("serve", ["--lora_weights", "a=x=y=,=", "--base_model", TINY], "--lora_weights"),
+    ("serve", ["--lora_weights", "med={d}/missing_adapter"], "no such folder"),
+    ("serve", ["--lora_weights", "med={d}/truncated_adapter"], "adapter_model.safetensors: truncated"),
+    ("serve", ["--base_model", TINY, "--temperature", -2], "--temperature"),
     # ---- evaluate.py ----
     ("evaluate", ["--method", "bleu"], "--method: unknown value 'bleu'"),
     ("evaluate", ["--compare"], "--compare needs --lora_weights"),
@@ -219,7 +225,7 @@ def bad_files(tmp_path_factory, tiny_adapter):
 def test_the_table_covers_every_script_with_sixty_cases():
     scripts = {case[0] for case in CASES}
     assert len(CASES) >= 60
-    assert scripts == {"finetune", "pretrain", "dpo", "reward", "rl", "chat", "generate", "evaluate",
+    assert scripts == {"finetune", "pretrain", "dpo", "reward", "rl", "chat", "generate", "serve", "evaluate",
                        "export_hf_checkpoint", "export_state_dict_checkpoint"}
 
 

@@ -7,8 +7,8 @@ import pytest
 
 from tests.conftest import ROOT, run_script
 
-STAGE_SCRIPTS = ["finetune", "pretrain", "dpo", "reward", "rl", "chat", "generate", "evaluate", "export_hf_checkpoint",
-                 "export_state_dict_checkpoint"]
+STAGE_SCRIPTS = ["finetune", "pretrain", "dpo", "reward", "rl", "chat", "generate", "serve", "evaluate",
+                 "export_hf_checkpoint", "export_state_dict_checkpoint"]
 
 
 def stage_function(script: str):
