@@ -88,7 +88,7 @@ def main(
                                          ("--prompt_template", prompt_template)) if used]
         if given:
             raise MedLoRAError(f"--harness lm_eval runs lm-eval's own tasks and prompts; {', '.join(given)} "
-                               "does not apply to it")
+                               f"{'does' if len(given) == 1 else 'do'} not apply to it")
         from medlora import harness as lm_harness
 
         task_names = lm_harness.task_names(tasks)

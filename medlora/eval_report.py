@@ -80,8 +80,8 @@ def summary_table(results: dict, sections: list, perplexity_label: str = "") -> 
     """One column per model (value ± standard error), one row per metric; with base and adapter, a last
     column with their difference against twice the combined standard error."""
     names = list(results)
-    compare = names == ["base", "adapter"]
-    compared = comparisons(results, sections) if compare else {}
+    compared = comparisons(results, sections) if names == ["base", "adapter"] else {}
+    compare = any(compared.values())
     lines = [f"{'':34s}" + "".join(f"{name:>18s}" for name in names) + ("    adapter - base" if compare else "")]
 
     def row(label, cells, last=""):
@@ -97,7 +97,7 @@ def summary_table(results: dict, sections: list, perplexity_label: str = "") -> 
         lines.append(f"{perplexity_label} ({first['records']} records, {first['tokens']} reply tokens, "
                      f"{first['truncated']} truncated at cutoff_len, {first['dropped']} dropped)")
         row("perplexity", [f"{results[name].perplexity['perplexity']:.3f}" for name in names])
-    if compare and compared:
+    if compare:
         lines.append("adapter - base: a difference within twice the combined standard error (<= 2SE) is not "
                      "distinguishable from noise on these questions.")
     return "\n".join(lines)

@@ -150,18 +150,22 @@ def test_harness_compare_end_to_end(tiny_adapter, tiny_model_path, tmp_path):
         assert compared == difference(tasks["base"], tasks["adapter"], metric)
 
 
-def test_harness_flags_are_checked_before_any_model_loads(tmp_path):
-    conflicting = run_script("evaluate.py", "--harness", "lm_eval", "--tasks", "medmcqa", "--method", "generate",
-                             check=False)
-    assert conflicting.returncode == 2 and conflicting.stderr.strip().splitlines() == [
-        "error: --harness lm_eval runs lm-eval's own tasks and prompts; --method does not apply to it"]
+def test_harness_flags_are_checked_before_any_model_loads():
     script = importlib.util.spec_from_file_location("evaluate_script", ROOT / "evaluate.py")
     evaluate_script = importlib.util.module_from_spec(script)
     script.loader.exec_module(evaluate_script)
-    with pytest.raises(MedLoRAError, match=r"^--tasks and --include_path are for --harness lm_eval$"):
-        evaluate_script.main(tasks="medmcqa")
-    with pytest.raises(MedLoRAError, match=r"^--harness: unknown value 'lm-eval'; use lm_eval"):
-        evaluate_script.main(harness="lm-eval", tasks="medmcqa")
+    for flags, message in [
+        (dict(harness="lm_eval", tasks="medmcqa", method="generate"),
+         "--harness lm_eval runs lm-eval's own tasks and prompts; --method does not apply to it"),
+        (dict(harness="lm_eval", tasks="medmcqa", data_path="q.jsonl", prompt_template="chatml"),
+         "--harness lm_eval runs lm-eval's own tasks and prompts; --data_path, --prompt_template do not apply to it"),
+        (dict(harness="lm_eval", tasks=" , "), "--harness lm_eval needs --tasks, e.g. --tasks medqa_4options,"),
+        (dict(tasks="medmcqa"), "--tasks and --include_path are for --harness lm_eval"),
+        (dict(harness="lm-eval", tasks="medmcqa"), "--harness: unknown value 'lm-eval'; use lm_eval"),
+    ]:
+        with pytest.raises(MedLoRAError) as error:
+            evaluate_script.main(**flags)
+        assert str(error.value).startswith(message)
 
 
 def test_lm_evals_evaluate_import_finds_hugging_faces_library_not_this_script():
