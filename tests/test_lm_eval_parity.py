@@ -74,9 +74,8 @@ def trailing_whitespace_logliks(lm, prompts: list) -> list:
     return [loglik for loglik, _ in lm.loglikelihood(requests, disable_tqdm=True)]
 
 
-def check_parity(loaded, folder):
+def check_parity(loaded, folder, questions):
     template = PromptTemplate.load("alpaca")
-    questions = parity_questions()
     ours = Evaluator(loaded.model, loaded.tokenizer, template, batch_size=4).loglik(
         questions, [[]] * len(questions), "evaluate.py")
     manager = task_manager([TASK], str(write_parity_task(folder, questions, template, loaded.tokenizer)))
@@ -97,8 +96,8 @@ def check_parity(loaded, folder):
         corrected = task.process_results(sample["doc"], [(ll - offset, False) for ll in lm_eval_logliks])
         assert corrected == {"acc": float(row["correct"]), "acc_norm": float(row["correct_norm"]),
                              "acc_bytes": float(row["correct_bytes"])}
-    chinese = ours["questions"][-len(CHINESE):]
-    assert all(r["option_chars"] != r["option_bytes"] for r in chinese)  # per character is not per byte here
+    chinese = [row for question, row in zip(questions, ours["questions"]) if question in CHINESE]
+    assert chinese and all(r["option_chars"] != r["option_bytes"] for r in chinese)  # per character is not per byte
     reported = output["results"][TASK]
     assert reported["acc,none"] == pytest.approx(ours["acc"]) and reported["acc_stderr,none"] == pytest.approx(
         ours["acc_stderr"], abs=1e-12)
@@ -106,9 +105,16 @@ def check_parity(loaded, folder):
 
 
 def test_option_logliks_and_metrics_equal_lm_eval(base, tmp_path):
-    ours = check_parity(base, tmp_path)
+    ours = check_parity(base, tmp_path, parity_questions())
     assert ours["n"] == 10 and ours["acc_stderr"] == pytest.approx(
         math.sqrt(ours["acc"] * (1 - ours["acc"]) / (ours["n"] - 1)))
+
+
+@pytest.mark.slow  # bitsandbytes' 8-bit matmul is slow on CPU
+def test_parity_holds_on_an_8bit_model_handed_to_lm_eval(tiny_model_path, tmp_path):
+    quantized = load_for_inference(str(tiny_model_path), load_in_8bit=True)
+    assert any("8bit" in type(module).__name__ for module in quantized.model.modules())
+    check_parity(quantized, tmp_path, parity_questions()[:1] + CHINESE[:1])
 
 
 def test_stderr_is_lm_evals_formula_and_the_compare_rule():
