@@ -161,13 +161,13 @@ def test_harness_flags_are_checked_before_any_model_loads():
     evaluate_script = importlib.util.module_from_spec(script)
     script.loader.exec_module(evaluate_script)
     for flags, message in [
-        (dict(harness="lm_eval", tasks="medmcqa", method="generate"),
+        ({"harness": "lm_eval", "tasks": "medmcqa", "method": "generate"},
          "--harness lm_eval runs lm-eval's own tasks and prompts; --method does not apply to it"),
-        (dict(harness="lm_eval", tasks="medmcqa", data_path="q.jsonl", prompt_template="chatml"),
+        ({"harness": "lm_eval", "tasks": "medmcqa", "data_path": "q.jsonl", "prompt_template": "chatml"},
          "--harness lm_eval runs lm-eval's own tasks and prompts; --data_path, --prompt_template do not apply to it"),
-        (dict(harness="lm_eval", tasks=" , "), "--harness lm_eval needs --tasks, e.g. --tasks medqa_4options,"),
-        (dict(tasks="medmcqa"), "--tasks and --include_path are for --harness lm_eval"),
-        (dict(harness="lm-eval", tasks="medmcqa"), "--harness: unknown value 'lm-eval'; use lm_eval"),
+        ({"harness": "lm_eval", "tasks": " , "}, "--harness lm_eval needs --tasks, e.g. --tasks medqa_4options,"),
+        ({"tasks": "medmcqa"}, "--tasks and --include_path are for --harness lm_eval"),
+        ({"harness": "lm-eval", "tasks": "medmcqa"}, "--harness: unknown value 'lm-eval'; use lm_eval"),
     ]:
         with pytest.raises(MedLoRAError) as error:
             evaluate_script.main(**flags)
