@@ -75,11 +75,18 @@ def task_manager(names: list, include_path: str = ""):
     manager = TaskManager(include_path=include_path or None)
     for name in names:
         if name not in manager.all_tasks:
-            close = difflib.get_close_matches(name, manager.all_tasks, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else "; see docs/evaluate.md for the medical tasks"
-            raise MedLoRAError(f"--tasks: lm-eval has no task {name!r}"
-                               f"{' (nor has --include_path ' + include_path + ')' if include_path else ''}{hint}")
+            raise MedLoRAError(unknown_task(name, manager.all_tasks, include_path))
     return manager
+
+
+def unknown_task(name: str, known: list, include_path: str = "") -> str:
+    """The one-line error for a task name lm-eval does not have, with the nearest names ("medqa" ->
+    medqa_4options: a longer name that starts with it comes first, then a near spelling)."""
+    close = sorted(task for task in known if task.startswith(f"{name}_"))[:3]
+    close = close or difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; see docs/evaluate.md for the medical tasks"
+    where = f" (nor has --include_path {include_path})" if include_path else ""
+    return f"--tasks: lm-eval has no task {name!r}{where}{hint}"
 
 
 def harness_model(model, tokenizer, batch_size: int):

@@ -22,7 +22,7 @@ from lm_eval.tasks import get_task_dict
 from medlora.errors import MedLoRAError
 from medlora.eval_report import difference, mean_stderr
 from medlora.evaluation import Evaluator
-from medlora.harness import harness_model, run_tasks, task_manager, task_metrics
+from medlora.harness import harness_model, run_tasks, task_manager, task_metrics, unknown_task
 from medlora.modeling import load_for_inference
 from medlora.questions import Question, conversation, load_question_file, reply_text
 from medlora.templates import PromptTemplate
@@ -172,6 +172,14 @@ def test_harness_flags_are_checked_before_any_model_loads():
         with pytest.raises(MedLoRAError) as error:
             evaluate_script.main(**flags)
         assert str(error.value).startswith(message)
+
+
+def test_unknown_task_names_the_nearest_ones():
+    known = ["medqa_4options", "medmcqa", "mmlu_anatomy", "mmlu_clinical_knowledge", "pubmedqa"]
+    assert unknown_task("medqa", known) == "--tasks: lm-eval has no task 'medqa'; did you mean medqa_4options?"
+    assert unknown_task("pubmed_qa", known, "my_tasks") == (
+        "--tasks: lm-eval has no task 'pubmed_qa' (nor has --include_path my_tasks); did you mean pubmedqa?")
+    assert unknown_task("cardiology", known).endswith("; see docs/evaluate.md for the medical tasks")
 
 
 def test_lm_evals_evaluate_import_finds_hugging_faces_library_not_this_script():
