@@ -7,12 +7,17 @@ formats) and on the perplexity of held-out chat data, side by side.
         --perplexity_path held_out.json --output_file report.json
     python evaluate.py --lora_weights ./lora-medlora --method generate     # medAlpaca style: greedy reply, read the letter
     python evaluate.py --lora_weights ./lora-medlora --method perplexity --compare   # its held-out replies, base vs tuned
+    python evaluate.py --lora_weights ./lora-medlora --compare --harness lm_eval \
+        --tasks medqa_4options,medmcqa,pubmedqa,mmlu_clinical_knowledge     # lm-evaluation-harness's own tasks
     python evaluate.py --help                                              # every flag
 
-Question files are read and checked before any model loads. Scores: --method loglik gives acc and
-acc_norm (lm-evaluation-harness definitions); --method generate gives acc and the number of replies
-with no readable answer; --method perplexity scores only the replies of held-out chat data (--perplexity_path,
-default: the adapter's own validation records). See docs/evaluate.md. Scores on benchmarks are not evidence of clinical safety.
+Question files are read and checked before any model loads. Scores: --method loglik gives acc, acc_norm
+(per character) and acc_bytes (per UTF-8 byte), as lm-evaluation-harness defines them, each with its
+standard error; --method generate gives acc and the number of replies with no readable answer; --method
+perplexity scores only the replies of held-out chat data (--perplexity_path, default: the adapter's own
+validation records). --harness lm_eval runs lm-evaluation-harness's tasks instead (pip install lm-eval==0.4.13).
+--compare says whether each difference exceeds twice the combined standard error. See docs/evaluate.md.
+Scores on benchmarks are not evidence of clinical safety.
 """
 
 import json
@@ -33,10 +38,10 @@ def main(
     base_model: str = "",  # hub id or local folder (or a merged export); default: the adapter's base, else builtin:smollm2-135m-instruct
     lora_weights: str = "",  # LoRA adapter folder; empty scores the base model alone
     data_path: str = DEFAULT_DATA,  # question file (.json/.jsonl), a folder of them, or "a.jsonl,b.jsonl"
-    method: str = "loglik",  # loglik (acc, acc_norm), generate (greedy reply, letter extracted) or perplexity (replies only)
-    num_fewshot: int = 0,  # solved examples before each question
+    method: str = "loglik",  # loglik (acc, acc_norm, acc_bytes), generate (greedy reply, letter extracted) or perplexity (replies only)
+    num_fewshot: int = 0,  # solved examples before each question (with --harness: lm-eval's num_fewshot)
     fewshot_path: str = "",  # question file to draw examples from; default: the same file, minus the question
-    limit: int = 0,  # score only the first N questions of each file, and N held-out records (0: all)
+    limit: int = 0,  # score only the first N questions of each file (or lm-eval task), and N held-out records (0: all)
     batch_size: int = 8,  # sequences per forward pass
     prompt_template_name: str = "",  # default: the adapter's template (medlora_run.json), else alpaca
     output_file: str = "",  # JSON report with per-question predictions and option scores
@@ -48,9 +53,19 @@ def main(
     max_new_tokens: int = 32,  # --method generate: reply length
     seed: int = 42,  # few-shot example draw
     trust_remote_code: bool = False,
+    harness: str = "",  # "lm_eval": run lm-evaluation-harness's --tasks on the loaded model instead of --data_path
+    tasks: str = "",  # --harness lm_eval: task names, e.g. medqa_4options,medmcqa,pubmedqa,mmlu_clinical_knowledge
+    include_path: str = "",  # --harness lm_eval: a folder of your own lm-eval task YAML files
 ):
-    """Evaluate BASE_MODEL (+ LORA_WEIGHTS) on the questions in DATA_PATH."""
-    from medlora.evaluation import Evaluator, ModelResults, summary_table
+    """Evaluate BASE_MODEL (+ LORA_WEIGHTS) on the questions in DATA_PATH, or on lm-eval's TASKS with --harness lm_eval."""
+    from medlora.eval_report import (
+        ModelResults,
+        Section,
+        comparisons,
+        perplexity_label,
+        summary_table,
+    )
+    from medlora.evaluation import Evaluator
     from medlora.questions import load_question_file, pick_fewshot, question_files
     from medlora.records import load_conversations
     from medlora.run_folder import RunFolder
@@ -63,18 +78,33 @@ def main(
         raise MedLoRAError("--compare needs --lora_weights (the base is scored with the adapter disabled)")
     if batch_size < 1 or num_fewshot < 0 or limit < 0:
         raise MedLoRAError("--batch_size must be >= 1, --num_fewshot and --limit >= 0")
+    if harness not in ("", "lm_eval"):
+        raise MedLoRAError(f"--harness: unknown value {harness!r}; use lm_eval (or leave it out)")
+    if harness:
+        given = [flag for flag, used in (("--method", method != "loglik"), ("--data_path", data_path != DEFAULT_DATA),
+                                         ("--fewshot_path", fewshot_path), ("--perplexity_path", perplexity_path),
+                                         ("--prompt_template_name", prompt_template_name)) if used]
+        if given:
+            raise MedLoRAError(f"--harness lm_eval runs lm-eval's own tasks and prompts; {', '.join(given)} "
+                               f"{'does' if len(given) == 1 else 'do'} not apply to it")
+        from medlora import harness as lm_harness
+
+        task_names = lm_harness.task_names(tasks)
+        manager = lm_harness.task_manager(task_names, include_path)  # unknown task names fail before the model loads
+    elif tasks or include_path:
+        raise MedLoRAError("--tasks and --include_path are for --harness lm_eval")
     run = RunFolder.adapter(lora_weights) if lora_weights else (  # (a merged export carries the settings too)
         RunFolder(base_model) if base_model and Path(base_model).is_dir() else None)
     settings = run.settings if run else {}
     template = PromptTemplate.load(prompt_template_name or settings.get("prompt_template_name") or default_template_for(
         base_model or settings.get("base_model") or DEFAULT_BASE_MODEL))
-    files = [] if method == "perplexity" else [load_question_file(path) for path in question_files(data_path)]
+    files = [] if method == "perplexity" or harness else [load_question_file(path) for path in question_files(data_path)]
     fewshot_pool = load_question_file(fewshot_path).questions if fewshot_path else None
-    tasks = []
+    question_sets = []
     for qfile in files:
         questions = qfile.questions[:limit] if limit else qfile.questions
         pool = fewshot_pool if fewshot_pool is not None else qfile.questions
-        tasks.append((qfile, questions, pick_fewshot(questions, pool, num_fewshot, seed, fewshot_pool is None)))
+        question_sets.append((qfile, questions, pick_fewshot(questions, pool, num_fewshot, seed, fewshot_pool is None)))
     held_out = load_conversations(perplexity_path).conversations if perplexity_path else None
     if method == "perplexity" and held_out is None:
         held_out, perplexity_path = validation_records(settings, lora_weights)
@@ -87,36 +117,50 @@ def main(
 
     loaded = load_for_inference(base_model or (None if lora_weights else DEFAULT_BASE_MODEL), run if lora_weights else None,
                                 load_in_4bit, load_in_8bit, trust_remote_code=trust_remote_code)
-    evaluator = Evaluator(loaded.model, loaded.tokenizer, template, batch_size, max_new_tokens)
     if compare:
         runs = {"base": loaded.model.disable_adapter(), "adapter": nullcontext()}
     else:
         runs = {"adapter" if lora_weights else "model": nullcontext()}
 
     # ---- score ------------------------------------------------------------------------------------------------
-    results = {}
-    for name, context in runs.items():
-        results[name] = ModelResults()
-        with context:
-            for qfile, questions, shots in tasks:
-                score = evaluator.loglik if method == "loglik" else evaluator.generate
-                task = score(questions, shots, desc=f"{name}: {Path(qfile.path).name}")
-                results[name].tasks[qfile.path] = dict(format=qfile.format, method=method, num_fewshot=num_fewshot, **task)
-            if held_out is not None:
-                results[name].perplexity = evaluator.perplexity(held_out, cutoff_len, settings.get("add_eos_token", True),
-                                                                desc=f"{name}: perplexity")
+    if harness:
+        results = lm_harness.score_runs(loaded.model, loaded.tokenizer, runs, task_names, manager, num_fewshot,
+                                        limit, batch_size)
+        sections = lm_harness.sections(next(iter(results.values())).tasks)
+    else:
+        evaluator = Evaluator(loaded.model, loaded.tokenizer, template, batch_size, max_new_tokens)
+        score = evaluator.loglik if method == "loglik" else evaluator.generate
+        results = {}
+        for name, context in runs.items():
+            results[name] = ModelResults()
+            with context:
+                for qfile, questions, shots in question_sets:
+                    task = score(questions, shots, desc=f"{name}: {Path(qfile.path).name}")
+                    results[name].tasks[qfile.path] = dict(format=qfile.format, method=method,
+                                                           num_fewshot=num_fewshot, **task)
+                if held_out is not None:
+                    results[name].perplexity = evaluator.perplexity(
+                        held_out, cutoff_len, settings.get("add_eos_token", True), desc=f"{name}: perplexity")
+        metrics = ("acc", "acc_norm", "acc_bytes") if method == "loglik" else ("acc", "unparsed")
+        sections = [Section(qfile.path, f"{Path(qfile.path).name} ({qfile.format}, {len(questions)} questions, "
+                                        f"{method}, {num_fewshot}-shot)", metrics)
+                    for qfile, questions, _ in question_sets]
 
     # ---- report -----------------------------------------------------------------------------------------------
-    print(summary_table(results, files, method, num_fewshot, perplexity_path))
+    print(summary_table(results, sections, perplexity_label(perplexity_path)))
     if output_file:
         report = {
             "settings": {"base_model": base_model or settings.get("base_model") or DEFAULT_BASE_MODEL,
-                         "lora_weights": lora_weights, "prompt_template_name": template.name, "method": method,
+                         "lora_weights": lora_weights, "prompt_template_name": None if harness else template.name,
+                         "method": method, "harness": lm_harness.describe() if harness else None,
+                         "tasks": task_names if harness else None, "include_path": include_path,
                          "num_fewshot": num_fewshot, "fewshot_path": fewshot_path, "limit": limit, "seed": seed,
                          "load_in_4bit": load_in_4bit, "load_in_8bit": load_in_8bit,
                          "perplexity_path": perplexity_path, "cutoff_len": cutoff_len, "max_new_tokens": max_new_tokens},
             "results": {name: {"tasks": r.tasks, "perplexity": r.perplexity} for name, r in results.items()},
         }
+        if compare:
+            report["comparison"] = comparisons(results, sections)
         write_json_atomically(output_file, report)
         print(f"report: {output_file}")
     print("Benchmark scores say nothing about clinical safety; model outputs are not medical advice.")

@@ -3,33 +3,36 @@
 Questions and their prompts come from medlora/questions.py.
 
 loglik (lm-evaluation-harness multiple-choice style): each option's reply is scored by the sum of the
-log-probabilities of its tokens after the prompt (no EOS).  acc: the option with the highest sum is
-right.  acc_norm: the highest sum divided by the reply's length in UTF-8 bytes is right.
+log-probabilities of its tokens after the prompt (no EOS).  With lm-eval's names: acc, the option with
+the highest sum is right; acc_norm, the highest sum per character of the reply; acc_bytes, per UTF-8 byte.
+Each comes with its standard error (medlora/eval_report.py).
 generate (medAlpaca style): a greedy reply, from which `extract_choice` reads the chosen option.
 Perplexity of an SFT file: exp(mean NLL over the reply tokens, encoded exactly as for training).
 """
 
 import math
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from medlora.errors import MedLoRAError
+from medlora.eval_report import mean_with_stderr
 from medlora.questions import LETTERS, Question, conversation, reply_text
 from medlora.tokenization import IGNORE_INDEX, ConversationEncoder
 
 
 # ---- metrics and answer extraction ------------------------------------------------------------------------------
-def choose_options(logliks: list, byte_lengths: list) -> tuple:
-    """(acc prediction, acc_norm prediction) as lm-evaluation-harness: argmax of the summed loglik,
-    and argmax of loglik per UTF-8 byte of the reply; ties go to the first option."""
-    best = max(range(len(logliks)), key=lambda i: (logliks[i], -i))
-    normalized = [loglik / length for loglik, length in zip(logliks, byte_lengths)]
-    best_norm = max(range(len(normalized)), key=lambda i: (normalized[i], -i))
-    return best, best_norm
+def choose_options(logliks: list, char_lengths: list, byte_lengths: list) -> tuple:
+    """(acc, acc_norm, acc_bytes predictions) as lm-evaluation-harness's multiple_choice tasks: the argmax
+    of the summed loglik, of loglik per character of the reply, and of loglik per UTF-8 byte; ties go to
+    the first option (numpy's argmax)."""
+    def first_best(scores):
+        return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+    return (first_best(logliks), first_best([ll / n for ll, n in zip(logliks, char_lengths)]),
+            first_best([ll / n for ll, n in zip(logliks, byte_lengths)]))
 
 
 _CUE = re.compile(r"\b(?:answer|option|choice)s?\b(?:\s+(?:is|would\s+be|will\s+be|should\s+be))?\s*[:=\-]?\s*"
@@ -93,12 +96,6 @@ class ScoringRequest:
     positions: list
 
 
-@dataclass
-class ModelResults:
-    tasks: dict = field(default_factory=dict)  # file path -> task result
-    perplexity: dict | None = None
-
-
 class Evaluator:
     def __init__(self, model, tokenizer, template, batch_size: int = 8, max_new_tokens: int = 32):
         self.model, self.tokenizer, self.template = model, tokenizer, template
@@ -150,13 +147,17 @@ class Evaluator:
         rows = []
         for question in questions:
             logliks = [next(scores)[0] for _ in question.options]
-            byte_lengths = [len(reply_text(question, i).encode("utf-8")) for i in range(len(question.options))]
-            pred, pred_norm = choose_options(logliks, byte_lengths)
-            rows.append(dict(_describe(question), pred=question.letters[pred], pred_norm=question.letters[pred_norm],
-                             correct=pred == question.answer, correct_norm=pred_norm == question.answer,
-                             option_loglik=logliks, option_bytes=byte_lengths))
-        return {"acc": _mean(r["correct"] for r in rows), "acc_norm": _mean(r["correct_norm"] for r in rows),
-                "n": len(rows), "questions": rows}
+            replies = [reply_text(question, i) for i in range(len(question.options))]
+            chars, byte_counts = [len(r) for r in replies], [len(r.encode("utf-8")) for r in replies]
+            pred, pred_norm, pred_bytes = choose_options(logliks, chars, byte_counts)
+            letters, answer = question.letters, question.answer
+            rows.append(dict(_describe(question), pred=letters[pred], pred_norm=letters[pred_norm],
+                             pred_bytes=letters[pred_bytes], correct=pred == answer, correct_norm=pred_norm == answer,
+                             correct_bytes=pred_bytes == answer, option_loglik=logliks, option_chars=chars,
+                             option_bytes=byte_counts))
+        return {**mean_with_stderr("acc", [r["correct"] for r in rows]),
+                **mean_with_stderr("acc_norm", [r["correct_norm"] for r in rows]),
+                **mean_with_stderr("acc_bytes", [r["correct_bytes"] for r in rows]), "n": len(rows), "questions": rows}
 
     def generate(self, questions: list, shots: list, desc: str) -> dict:
         prompts = [self.encoder.encode_prompt(conversation(q, s)) for q, s in zip(questions, shots)]
@@ -166,7 +167,7 @@ class Evaluator:
             choice = extract_choice(response, question.options)
             rows.append(dict(_describe(question), response=response,
                              pred=None if choice is None else question.letters[choice], correct=choice == question.answer))
-        return {"acc": _mean(r["correct"] for r in rows), "unparsed": sum(r["pred"] is None for r in rows),
+        return {**mean_with_stderr("acc", [r["correct"] for r in rows]), "unparsed": sum(r["pred"] is None for r in rows),
                 "n": len(rows), "questions": rows}
 
     def generate_replies(self, prompts: list, desc: str) -> list:
@@ -219,31 +220,3 @@ def _final_reply_positions(labels: list) -> list:
 
 def _describe(question: Question) -> dict:
     return {"source": question.source, "id": question.id, "answer": question.letters[question.answer]}
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else 0.0
-
-
-# ---- summary -------------------------------------------------------------------------------------------------------
-def summary_table(results: dict, files: list, method: str, num_fewshot: int, perplexity_path: str = "") -> str:
-    """Models side by side: one column per model, one row per metric."""
-    names = list(results)
-    lines = [f"{'':42s}" + "".join(f"{name:>12s}" for name in names)]
-
-    def row(label, values, fmt="{:.4f}"):
-        lines.append(f"  {label:40s}" + "".join(f"{fmt.format(v):>12s}" for v in values))
-
-    for qfile in files:
-        first = results[names[0]].tasks[qfile.path]
-        lines.append(f"{Path(qfile.path).name} ({qfile.format}, {first['n']} questions, {method}, {num_fewshot}-shot)")
-        for metric in (("acc", "acc_norm") if method == "loglik" else ("acc", "unparsed")):
-            row(metric, [results[name].tasks[qfile.path][metric] for name in names], "{:.4f}" if metric != "unparsed" else "{}")
-    if perplexity_path:
-        first = results[names[0]].perplexity
-        label = Path(perplexity_path).name if Path(perplexity_path).exists() else perplexity_path
-        lines.append(f"{label} ({first['records']} records, {first['tokens']} reply tokens, "
-                     f"{first['truncated']} truncated at cutoff_len, {first['dropped']} dropped)")
-        row("perplexity", [results[name].perplexity["perplexity"] for name in names], "{:.3f}")
-    return "\n".join(lines)

@@ -177,11 +177,17 @@ def test_fewshot_examples_are_seeded_exclude_the_question_and_ignore_limit():
 
 
 # ---- metrics -----------------------------------------------------------------------------------------------------
-def test_acc_and_acc_norm_on_given_logliks():
-    # Long replies lose on the summed loglik but win per byte: the two metrics disagree.
-    assert choose_options([-6.0, -9.0, -30.0], [3, 10, 40]) == (0, 2)
-    assert choose_options([-12.0, -6.0], [4, 2]) == (1, 0)  # -3.0/byte vs -3.0/byte: tie, the first wins
-    assert choose_options([-1.0, -1.0, -2.0], [5, 5, 5]) == (0, 0)
+def test_acc_acc_norm_and_acc_bytes_on_given_logliks():
+    # Long replies lose on the summed loglik but win per character: acc and acc_norm disagree.
+    assert choose_options([-6.0, -9.0, -30.0], [3, 10, 40], [3, 10, 40]) == (0, 2, 2)
+    assert choose_options([-12.0, -6.0], [4, 2], [4, 2]) == (1, 0, 0)  # -3.0/char vs -3.0/char: tie, the first wins
+    assert choose_options([-1.0, -1.0, -2.0], [5, 5, 5], [5, 5, 5]) == (0, 0, 0)
+    # Chinese: 3 UTF-8 bytes a character. "A. 坏血病" is 6 characters, 12 bytes; "B. scurvy disease" 17 of each.
+    replies = ["A. 坏血病", "B. scurvy disease"]
+    chars, byte_counts = [len(r) for r in replies], [len(r.encode("utf-8")) for r in replies]
+    assert (chars, byte_counts) == ([6, 17], [12, 17])
+    # per character: -2.0 vs -1.76 (B); per byte: -1.0 vs -1.76 (A): lm-eval's acc_norm and acc_bytes disagree.
+    assert choose_options([-12.0, -30.0], chars, byte_counts) == (0, 1, 0)
 
 
 EXTRACTION_TABLE = [
@@ -240,11 +246,12 @@ def test_acc_and_acc_norm_disagree_end_to_end(base, alpaca):
     question = Question("Which is it?", ["X", long_text], answer=1)
     result = Evaluator(base.model, base.tokenizer, alpaca).loglik([question], [[]], "test")
     row = result["questions"][0]
-    assert row["option_bytes"] == [len("A. X"), len("B. " + long_text)]
+    assert row["option_chars"] == row["option_bytes"] == [len("A. X"), len("B. " + long_text)]
     short, long = row["option_loglik"]
-    assert short > long and long / row["option_bytes"][1] > short / row["option_bytes"][0]
-    assert (row["pred"], row["pred_norm"]) == ("A", "B")
-    assert (result["acc"], result["acc_norm"]) == (0.0, 1.0)
+    assert short > long and long / row["option_chars"][1] > short / row["option_chars"][0]
+    assert (row["pred"], row["pred_norm"], row["pred_bytes"]) == ("A", "B", "B")
+    assert (result["acc"], result["acc_norm"], result["acc_bytes"]) == (0.0, 1.0, 1.0)
+    assert result["acc_stderr"] is None  # one question: no standard error (lm-eval's N/A)
 
 
 def test_batched_generation_equals_one_by_one(base, alpaca):
@@ -294,8 +301,14 @@ def check_report_consistency(task):
     rows = task["questions"]
     assert task["n"] == len(rows)
     assert task["acc"] == pytest.approx(sum(r["pred"] == r["answer"] for r in rows) / len(rows))
+    assert task["acc_stderr"] == pytest.approx(math.sqrt(task["acc"] * (1 - task["acc"]) / (len(rows) - 1)))
     if task["method"] == "loglik":
-        assert task["acc_norm"] == pytest.approx(sum(r["pred_norm"] == r["answer"] for r in rows) / len(rows))
+        for metric, suffix, lengths in (("acc_norm", "_norm", "option_chars"), ("acc_bytes", "_bytes", "option_bytes")):
+            assert task[metric] == pytest.approx(sum(r[f"pred{suffix}"] == r["answer"] for r in rows) / len(rows))
+            assert task[f"{metric}_stderr"] == pytest.approx(math.sqrt(task[metric] * (1 - task[metric]) / (len(rows) - 1)))
+            for r in rows:
+                per_length = [ll / n for ll, n in zip(r["option_loglik"], r[lengths])]
+                assert r[f"pred{suffix}"] == "ABCDE"[max(range(len(per_length)), key=per_length.__getitem__)]
         for r in rows:
             best = max(range(len(r["option_loglik"])), key=r["option_loglik"].__getitem__)
             assert r["pred"] == "ABCDE"[best]
@@ -310,17 +323,26 @@ def test_compare_end_to_end(tiny_adapter, tmp_path):
     result = run_script("evaluate.py", "--lora_weights", tiny_adapter, "--data_path", "data/eval/medqa_style_sample.jsonl",
                         "--compare", "--output_file", report_path)
     header = next(line for line in result.stdout.splitlines() if "adapter" in line)
-    assert header.split() == ["base", "adapter"]
+    assert header.split() == ["base", "adapter", "adapter", "-", "base"]
     assert "medqa_style_sample.jsonl (medqa, 26 questions, loglik, 0-shot)" in result.stdout
     report = json.loads(report_path.read_text())
-    assert report["settings"]["prompt_template"] == "alpaca" and report["settings"]["base_model"] == TINY
+    assert report["settings"]["prompt_template_name"] == "alpaca" and report["settings"]["base_model"] == TINY
     tasks = {name: report["results"][name]["tasks"]["data/eval/medqa_style_sample.jsonl"] for name in ("base", "adapter")}
-    for name, task in tasks.items():
+    for task in tasks.values():
         check_report_consistency(task)
         assert task["n"] == 26
-        assert f"{task['acc']:.4f}" in [line.split()[1 + list(tasks).index(name)] for line in result.stdout.splitlines()
-                                         if line.split()[:1] == ["acc"]]
+        acc_row = next(line for line in result.stdout.splitlines() if line.split()[:1] == ["acc"])
+        assert f"{task['acc']:.4f} ± {task['acc_stderr']:.4f}" in acc_row
     assert tasks["base"]["questions"][0]["option_loglik"] != tasks["adapter"]["questions"][0]["option_loglik"]
+    compared = report["comparison"]["data/eval/medqa_style_sample.jsonl"]
+    assert list(compared) == ["acc", "acc_norm", "acc_bytes"]
+    for metric, entry in compared.items():
+        combined = math.hypot(tasks["base"][f"{metric}_stderr"], tasks["adapter"][f"{metric}_stderr"])
+        assert entry["difference"] == pytest.approx(tasks["adapter"][metric] - tasks["base"][metric])
+        assert entry["combined_stderr"] == pytest.approx(combined)
+        assert entry["exceeds_2se"] == (abs(entry["difference"]) > 2 * combined)
+        row = next(line for line in result.stdout.splitlines() if line.split()[:1] == [metric])
+        assert row.endswith(f"{entry['difference']:+.4f} {'>' if entry['exceeds_2se'] else '<='} 2SE={2 * combined:.4f}")
 
 
 @pytest.mark.slow

@@ -21,6 +21,9 @@ from medlora.generation import DISCLAIMER, ChatModel, GenerationSettings
 from medlora.serving import ServedModels, create_app
 from tests.conftest import ROOT, TINY, run_script
 
+# Every test here starts a real server on a real model (the queue logic at the end is quick but shares the module).
+pytestmark = pytest.mark.slow
+
 KEY = "test-key-123"
 MAX_TOKENS = 12
 SERVER_DEFAULTS = GenerationSettings(temperature=0.7, repetition_penalty=3.0, max_new_tokens=MAX_TOKENS)
@@ -266,17 +269,6 @@ def test_load_of_50_requests_is_answered_or_refused_at_once(served, references):
         assert ask(server.client(max_retries=0), "medic")[0] == references["medic"]
 
 
-def test_serve_py_help_documents_every_flag():
-    import inspect
-
-    import serve
-
-    result = run_script("serve.py", "--help", env=dict(os.environ, PAGER="cat"))
-    for name in inspect.signature(serve.main).parameters:
-        assert f"--{name}" in result.stdout + result.stderr
-        assert f"        {name}: " in serve.main.__doc__, name
-
-
 def serve_script(*flags, env=None):
     port = free_port()
     process = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), "--log_level", "warning", *map(str, flags)],
@@ -328,7 +320,6 @@ def test_lora_weights_flag_names_adapters(tiny_adapter, second_adapter):
         assert str(refused.value).startswith(message)
 
 
-@pytest.mark.slow
 def test_serve_py_streams_the_default_model():
     process, base_url = serve_script()
     try:
