@@ -34,7 +34,17 @@ def main(
     force: bool = False,  # replace a non-empty output_dir
     device: str = "cpu",  # where to merge and check: cpu, or cuda when the model fits in GPU memory
 ):
-    """Merge LORA_WEIGHTS into BASE_MODEL and write a GGUF file and an Ollama Modelfile to OUTPUT_DIR."""
+    """Merge LORA_WEIGHTS into BASE_MODEL and write a GGUF file and an Ollama Modelfile to OUTPUT_DIR.
+
+    Args:
+        base_model: Hub id, local folder or builtin:NAME to merge into; empty: the base the adapter was trained on (its medlora_run.json, else adapter_config.json).
+        lora_weights: The adapter folder finetune.py wrote.
+        output_dir: Folder that gets model-<outtype>.gguf, Modelfile and medlora_export.json; refused when not empty unless --force.
+        outtype: Tensor type of the 2-D weights: f32 (exact), f16, bf16 or q8_0 (8-bit blocks, about half of f16); norms and biases stay f32.
+        prompt_template_name: The template written as the GGUF chat template and the Modelfile TEMPLATE; empty: the one the adapter was trained with.
+        force: Replace a non-empty output_dir.
+        device: Where to merge and check: cpu, or cuda when the model fits in GPU memory.
+    """
     import torch
     from transformers import AutoConfig
 

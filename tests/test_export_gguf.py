@@ -118,16 +118,17 @@ def test_q8_0_file_reads_back_with_base_plus_adapter_logits_and_tokens(q8_export
         assert gguf_tokenizer.apply_chat_template(messages, tokenize=False) == alpaca.render(conversation).text
 
 
-def test_f32_and_f16_files_match_within_their_tolerances_and_answer_alike(tiny_adapter, reference, tmp_path):
+def test_f32_f16_bf16_files_match_within_their_tolerances_and_answer_alike(tiny_adapter, reference, tmp_path):
     from medlora.gguf_export import load_gguf
 
     model, tokenizer, expected, _ = reference
     export = load_script("export_gguf.py").main
-    for outtype, relative_tolerance in (("f32", 1e-4), ("f16", 1e-2)):
+    for outtype, relative_tolerance in (("f32", 1e-4), ("f16", 1e-2), ("bf16", 5e-2)):
         export(lora_weights=str(tiny_adapter), outtype=outtype, output_dir=str(tmp_path / outtype))
         gguf_model, _ = load_gguf(tmp_path / outtype / f"model-{outtype}.gguf")
         assert_logits_close(logits_of(gguf_model, tokenizer), expected, relative_tolerance)
-        assert greedy_answer(gguf_model, tokenizer) == greedy_answer(model, tokenizer), outtype
+        if outtype != "bf16":  # bf16's 8-bit mantissa may flip a near-tie of this random toy's logits
+            assert greedy_answer(gguf_model, tokenizer) == greedy_answer(model, tokenizer), outtype
     _, tensor_types = read_metadata(tmp_path / "f16" / "model-f16.gguf")
     assert tensor_types["blk.3.ffn_down.weight"] == "F16" and tensor_types["output_norm.weight"] == "F32"
 

@@ -38,3 +38,15 @@ def test_no_script_opens_with_the_bitsandbytes_cpu_notice():
         stderr = process.communicate(timeout=300)[1]
         assert process.returncode == 0, f"import {name}: {stderr[-2000:]}"
         assert "kernels-community" not in stderr, f"{name}.py: {stderr[-2000:]}"
+
+
+def test_export_gguf_help_describes_every_flag():
+    import inspect
+
+    import export_gguf
+
+    result = run_script("export_gguf.py", "--help", env=dict(os.environ, PAGER="cat"))
+    for name in inspect.signature(export_gguf.main).parameters:
+        assert f"--{name}" in result.stdout + result.stderr
+        assert f"        {name}: " in export_gguf.main.__doc__, name
+    assert "q8_0 (8-bit blocks" in result.stdout + result.stderr
