@@ -51,9 +51,23 @@ def main(
     from medlora.builtin_models import default_template_for
     from medlora.chat_formats import chat_fields, jinja_chat_template, modelfile_text
     from medlora.errors import MedLoRAError
-    from medlora.export import (CHECK_PROMPT, check_logits, check_output_dir, find_tokenizer_model, merge_adapter,
-                                resolve_inputs, staged_output, write_export_note)
-    from medlora.gguf_export import OUTTYPES, check_architecture, check_tokenization, load_gguf, write_gguf
+    from medlora.export import (
+        CHECK_PROMPT,
+        check_logits,
+        check_output_dir,
+        find_tokenizer_model,
+        merge_adapter,
+        resolve_inputs,
+        staged_output,
+        write_export_note,
+    )
+    from medlora.gguf_export import (
+        OUTTYPES,
+        check_architecture,
+        check_tokenization,
+        load_gguf,
+        write_gguf,
+    )
     from medlora.templates import PromptTemplate
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -61,7 +75,8 @@ def main(
         raise MedLoRAError(f"--outtype: unknown value {outtype!r}; use {', '.join(OUTTYPES)}")
     inputs = resolve_inputs(base_model, lora_weights)
     target = check_output_dir(output_dir, force, inputs)
-    check_architecture(AutoConfig.from_pretrained(inputs.model_path))
+    base_config = AutoConfig.from_pretrained(inputs.model_path)
+    check_architecture(base_config)
     template_name = (prompt_template_name or inputs.run_settings.get("prompt_template_name")
                      or default_template_for(inputs.base_model))
     template = PromptTemplate.load(template_name)
@@ -91,6 +106,9 @@ def main(
           f"{summary['tensors']} tensors {summary['tensor_types']}, {summary['vocabulary']} vocabulary, "
           f"'{template_name}' chat template, largest logit difference {difference:.3g}; "
           f"{target / gguf_name} and {target / 'Modelfile'}")
+    if getattr(base_config, "sliding_window", None) and getattr(base_config, "use_sliding_window", True):
+        print(f"note: GGUF's llama architecture has no sliding-window attention: outputs match up to "
+              f"{base_config.sliding_window} tokens")
 
 
 if __name__ == "__main__":

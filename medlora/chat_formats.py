@@ -23,7 +23,7 @@ MARKERS = {"system": "\x01SYSTEM\x01", "user": "\x01USER{}\x01", "assistant": "\
 def chat_fields(template: PromptTemplate, tokenizer=None) -> dict:
     """The template's chat fields; for `chat`, recovered from the tokenizer's Jinja template."""
     if not template.uses_tokenizer_chat_template:
-        return {"system_format": "{system}", "assistant_suffix": "",
+        return {"system": "", "system_format": "{system}", "assistant_suffix": "",
                 **{key: template.spec[key] for key in CHAT_FIELDS if key in template.spec}}
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise MedLoRAError("template 'chat' uses the tokenizer's chat template, and this tokenizer has none")

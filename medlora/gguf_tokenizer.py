@@ -10,6 +10,7 @@ writes it, for the two vocabularies MedLoRA's LLaMA-family models use:
 Plus the BOS/EOS/UNK/pad ids, whether BOS/EOS are added, and the chat template given by the caller.
 """
 
+import json
 from hashlib import sha256
 from pathlib import Path
 
@@ -39,8 +40,6 @@ def looks_special(token: str) -> bool:
 
 
 def is_sentencepiece(tokenizer) -> bool:
-    import json
-
     return json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer", {}).get("type") == "Metaspace"
 
 
@@ -71,8 +70,6 @@ def sentencepiece_vocab(tokenizer, tokenizer_model: Path | None, vocab_size: int
 
 def byte_level_vocab(tokenizer, vocab_size: int) -> dict:
     """tokens, types, merges and the pre-tokenizer's llama.cpp name (convert_hf_to_gguf.py's get_vocab_base)."""
-    import json
-
     digest = sha256(str(tokenizer.encode(PRE_TOKENIZER_CHECK_TEXT)).encode()).hexdigest()
     if digest not in KNOWN_PRE_TOKENIZERS:
         raise MedLoRAError(f"this byte-level BPE tokenizer's pre-tokenizer is not one MedLoRA can name for llama.cpp "

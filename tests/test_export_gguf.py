@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from medlora.chat_formats import chat_fields, jinja_chat_template, ollama_template, sample_conversations
+from medlora.chat_formats import (
+    chat_fields,
+    jinja_chat_template,
+    ollama_template,
+    sample_conversations,
+)
 from medlora.errors import MedLoRAError
 from medlora.templates import PromptTemplate, available_templates
 from tests.conftest import ROOT, run_script
@@ -102,7 +107,7 @@ def test_q8_0_file_reads_back_with_base_plus_adapter_logits_and_tokens(q8_export
     assert tensor_types["blk.0.attn_q.weight"] == "Q8_0" and tensor_types["output.weight"] == "Q8_0"
     assert tensor_types["blk.0.attn_norm.weight"] == "F32" and len(tensor_types) == 4 * 9 + 3
 
-    model, tokenizer, expected, base = reference
+    _, tokenizer, expected, base = reference
     gguf_model, gguf_tokenizer = load_gguf(output_dir / "model-q8_0.gguf")
     for text in SAMPLE_TEXTS:
         assert gguf_tokenizer(text).input_ids == tokenizer(text).input_ids, text
@@ -213,8 +218,8 @@ def test_modelfile_template_renders_every_template_like_training(q8_export, tiny
     assert "FROM ./model-q8_0.gguf\n" in modelfile and 'PARAMETER stop "### Instruction:"\n' in modelfile
     assert "not medical advice" in modelfile.lower()
     alpaca = PromptTemplate.load("alpaca")
-    assert re.search(r'^SYSTEM """(.*)"""$', modelfile, re.M).group(1) == alpaca.system
-    written = re.search(r'^TEMPLATE """(.*?)"""$', modelfile, re.M | re.S).group(1)
+    assert re.search(r'^SYSTEM """(.*)"""$', modelfile, re.MULTILINE).group(1) == alpaca.system
+    written = re.search(r'^TEMPLATE """(.*?)"""$', modelfile, re.MULTILINE | re.DOTALL).group(1)
 
     cases, expected = [], []
     for conversation in sample_conversations():
