@@ -174,12 +174,13 @@ def test_unsupported_architecture_and_occupied_folder_are_refused_in_one_line(tm
     config = GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=64, n_layer=1, n_head=4, n_positions=64)
     _, adapter_dir = random_adapter(tmp_path_factory, tiny_model_path, "gpt2-gguf", config, ["c_attn"], fan_in_fan_out=True)
     output_dir = tmp_path_factory.mktemp("refused") / "gguf"
-    result = run_script("export_gguf.py", "--lora_weights", adapter_dir, "--output_dir", output_dir, check=False)
-    assert result.returncode == 2 and not output_dir.exists()
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: GGUF export supports LLaMA-architecture models (LLaMA 1-3, Mistral, SmolLM2, TinyLlama: model types "
+    with pytest.raises(MedLoRAError) as refusal:
+        load_script("export_gguf.py").main(lora_weights=str(adapter_dir), output_dir=str(output_dir))
+    assert str(refusal.value) == (
+        "GGUF export supports LLaMA-architecture models (LLaMA 1-3, Mistral, SmolLM2, TinyLlama: model types "
         "llama, mistral, qwen2), not model type 'gpt2'; use export_hf_checkpoint.py and llama.cpp's "
         "convert_hf_to_gguf.py instead")
+    assert not output_dir.exists()
 
     occupied, _ = q8_export
     before = folder_snapshot(occupied)
