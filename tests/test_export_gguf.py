@@ -1,8 +1,8 @@
 """export_gguf.py: the GGUF file it writes, read back by transformers' GGUF loader, gives base + adapter's
 logits (within 1e-4 in f32, within the stated tolerance in f16 / q8_0), the same greedy answer and the same
 tokens; its chat template and the Ollama Modelfile's TEMPLATE (rendered by Go's real text/template) write
-conversations exactly as MedLoRA's training templates do. SentencePiece on the built-in tiny model, Qwen2 on
-a random tiny one, byte-level BPE on SmolLM2 compared key by key with the GGUF llama.cpp wrote for it."""
+conversations exactly as MedLoRA's training templates do. SentencePiece on the built-in tiny model, Mistral and
+Qwen2 on random tiny ones, byte-level BPE on SmolLM2 compared key by key with the GGUF llama.cpp wrote for it."""
 
 import json
 import os
@@ -164,6 +164,32 @@ def test_qwen2_with_biases_exports_without_rotary_permutation(tmp_path_factory, 
                                           str(adapter_dir)).eval()
     gguf_model, _ = load_gguf(path)
     assert gguf_model.config.model_type == "qwen2"
+    assert_logits_close(logits_of(gguf_model, tiny_tokenizer), logits_of(reference, tiny_tokenizer), 1e-4)
+
+
+def test_gqa_mistral_exports_as_llama(tmp_path_factory, tiny_model_path, tiny_tokenizer, tmp_path):
+    """Mistral is written as llama.cpp's llama architecture (as its converter does): grouped-query attention with
+    8 heads and 2 KV heads (the k rows permuted per KV head), rope_theta 1e6, tied embeddings."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from medlora.gguf_export import load_gguf
+
+    config = MistralConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=8, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    base_dir, adapter_dir = random_adapter(tmp_path_factory, tiny_model_path, "mistral-gguf", config,
+                                           ["q_proj", "k_proj", "v_proj", "o_proj"])
+    load_script("export_gguf.py").main(lora_weights=str(adapter_dir), outtype="f32", output_dir=str(tmp_path / "m"))
+    metadata, _ = read_metadata(tmp_path / "m" / "model-f32.gguf")
+    assert metadata["general.architecture"] == "llama" and metadata["llama.rope.freq_base"] == 1e6
+    assert metadata["llama.attention.head_count"] == 8 and metadata["llama.attention.head_count_kv"] == 2
+
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                          str(adapter_dir)).eval()
+    gguf_model, gguf_tokenizer = load_gguf(tmp_path / "m" / "model-f32.gguf")
+    for text in SAMPLE_TEXTS:
+        assert gguf_tokenizer(text).input_ids == tiny_tokenizer(text).input_ids, text
     assert_logits_close(logits_of(gguf_model, tiny_tokenizer), logits_of(reference, tiny_tokenizer), 1e-4)
 
 
