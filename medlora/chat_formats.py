@@ -42,7 +42,11 @@ def fields_from_chat_template(tokenizer) -> dict:
                                    MARKERS["assistant"].format(1))
 
     def apply(messages, generation_prompt=True):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as error:  # noqa: BLE001 - a Jinja template may raise anything (e.g. "no system role")
+            raise MedLoRAError(f"the tokenizer's chat template cannot render {[m['role'] for m in messages]} "
+                               f"({error}); write the Modelfile's TEMPLATE by hand") from None
 
     def cut(text, *markers):
         pieces = []

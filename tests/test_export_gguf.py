@@ -264,6 +264,20 @@ def test_modelfile_template_renders_every_template_like_training(q8_export, tiny
         assert got == want
 
 
+def test_chat_templates_ollama_cannot_express_are_refused_in_one_line(tiny_model_path):
+    from medlora.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_path))
+    chat = PromptTemplate.load("chat")
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system "
+                               "role') }}{% endif %}[{{ m['role'] }}: {{ m['content'] }}]{% endfor %}")
+    with pytest.raises(MedLoRAError, match=r"cannot render \['system', 'user'\] \(no system role\); write the "):
+        chat_fields(chat, tokenizer)
+    tokenizer.chat_template = "{{ messages | length }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    with pytest.raises(MedLoRAError, match="write the Modelfile's TEMPLATE by hand"):
+        chat_fields(chat, tokenizer)
+
+
 # ---- byte-level BPE: SmolLM2 -----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_export_matches_the_gguf_llama_cpp_wrote_and_the_model(tmp_path):
