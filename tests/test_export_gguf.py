@@ -281,24 +281,30 @@ def test_chat_templates_ollama_cannot_express_are_refused_in_one_line(tiny_model
 # ---- byte-level BPE: SmolLM2 -----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_export_matches_the_gguf_llama_cpp_wrote_and_the_model(tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
+    """The script's steps, called directly so that the 135M model is loaded, merged and read back once each."""
+    from peft import LoraConfig, get_peft_model
 
-    from medlora.gguf_export import load_gguf
-    from medlora.modeling import load_base_model, load_tokenizer, resolve_base_model
+    from medlora.chat_formats import modelfile_text
+    from medlora.export import merge_adapter, resolve_inputs
+    from medlora.gguf_export import OUTTYPES, check_tokenization, load_gguf, write_gguf
+    from medlora.modeling import load_base_model, resolve_base_model
     from medlora.run_settings import save_run_settings
     from medlora.smollm2 import BUILTIN_SMOLLM2, gguf_path
 
-    base_path = resolve_base_model(BUILTIN_SMOLLM2)
     adapter_dir = tmp_path / "lora"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                           init_lora_weights=False, task_type="CAUSAL_LM")
-        get_peft_model(load_base_model(base_path, torch.float32), lora).save_pretrained(adapter_dir)
+        get_peft_model(load_base_model(resolve_base_model(BUILTIN_SMOLLM2), torch.float32), lora).save_pretrained(
+            adapter_dir)
     save_run_settings(adapter_dir, {"base_model": BUILTIN_SMOLLM2, "prompt_template_name": "chat"})
-    load_script("export_gguf.py").main(lora_weights=str(adapter_dir), outtype="f32", output_dir=str(tmp_path / "out"))
+    merged = merge_adapter(resolve_inputs("", str(adapter_dir)), torch.float32)  # checks merged == base + adapter
+    tokenizer, path = merged.tokenizer, tmp_path / "model-f32.gguf"
+    summary = write_gguf(path, merged.model, tokenizer, None, OUTTYPES["f32"], "SmolLM2", tokenizer.chat_template)
+    assert summary == {"tensors": 272, "tensor_types": {"F32": 272}, "vocabulary": "gpt2"}
 
-    ours, tensor_types = read_metadata(tmp_path / "out" / "model-f32.gguf")
+    ours, tensor_types = read_metadata(path)
     original, original_types = read_metadata(gguf_path())
     assert set(tensor_types) == set(original_types)
     for key in ("llama.block_count", "llama.context_length", "llama.embedding_length", "llama.feed_forward_length",
@@ -307,16 +313,16 @@ def test_smollm2_export_matches_the_gguf_llama_cpp_wrote_and_the_model(tmp_path)
                 "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token"):
         assert ours[key] == original[key], key
-    tokenizer = load_tokenizer(base_path)
     assert ours["tokenizer.ggml.padding_token_id"] == tokenizer.pad_token_id == 0  # MedLoRA's pad, not EOS
     assert ours["tokenizer.chat_template"] == tokenizer.chat_template  # the `chat` template trains with it
 
-    reference = PeftModel.from_pretrained(load_base_model(base_path, torch.float32), str(adapter_dir)).eval()
-    gguf_model, gguf_tokenizer = load_gguf(tmp_path / "out" / "model-f32.gguf")
-    for text in SAMPLE_TEXTS:
-        assert gguf_tokenizer(text).input_ids == tokenizer(text).input_ids, text
-    assert_logits_close(logits_of(gguf_model, tokenizer), logits_of(reference, tokenizer), 1e-4)
-    assert greedy_answer(gguf_model, tokenizer) == greedy_answer(reference, tokenizer)
-    modelfile = (tmp_path / "out" / "Modelfile").read_text()
+    gguf_model, gguf_tokenizer = load_gguf(path)
+    check_tokenization(gguf_tokenizer, tokenizer, SAMPLE_TEXTS)
+    assert_logits_close(logits_of(gguf_model, tokenizer), logits_of(merged.model, tokenizer), 1e-4)
+    assert_logits_close(gguf_model(input_ids=merged.prompt_ids).logits[0].detach(), merged.reference_logits, 1e-4)
+    assert greedy_answer(gguf_model, tokenizer) == greedy_answer(merged.model, tokenizer)
+
+    chat = PromptTemplate.load("chat")
+    modelfile = modelfile_text(path.name, chat_fields(chat, tokenizer), chat.stop, "chat")
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
