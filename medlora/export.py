@@ -139,15 +139,19 @@ def logits_on(model, prompt_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=prompt_ids).logits[0].float().cpu()
 
 
-def check_logits(model, prompt_ids, reference: torch.Tensor, dtype: torch.dtype, what: str) -> tuple:
-    """(largest difference, tolerance); a difference above the tolerance (or NaN) is an error."""
+def check_logits(model, prompt_ids, reference: torch.Tensor, dtype: torch.dtype | str, what: str,
+                 relative_tolerance: float | None = None) -> tuple:
+    """(largest difference, tolerance); a difference above the tolerance (or NaN) is an error. `dtype` names
+    the storage type; a GGUF type (e.g. "q8_0") comes with its own relative_tolerance."""
     difference = (logits_on(model, prompt_ids) - reference).abs().max().item()
-    tolerance = RELATIVE_TOLERANCE[dtype] * max(1.0, reference.abs().max().item())
+    relative_tolerance = RELATIVE_TOLERANCE[dtype] if relative_tolerance is None else relative_tolerance
+    tolerance = relative_tolerance * max(1.0, reference.abs().max().item())
+    type_name = dtype if isinstance(dtype, str) else dtype_name(dtype)
     print(f"{what}: largest logit difference from base + adapter {difference:.3g} "
-          f"(tolerance {tolerance:.3g} for {dtype_name(dtype)})", flush=True)
+          f"(tolerance {tolerance:.3g} for {type_name})", flush=True)
     if not difference <= tolerance:
         raise MedLoRAError(f"{what}: logits differ from base + adapter by {difference:.3g}, above the tolerance "
-                           f"{tolerance:.3g} for {dtype_name(dtype)}; nothing was exported")
+                           f"{tolerance:.3g} for {type_name}; nothing was exported")
     return difference, tolerance
 
 
@@ -196,15 +200,16 @@ def merge_adapter(inputs: ExportInputs, dtype: torch.dtype, device="cpu", trust_
                        tolerance)
 
 
-def write_export_note(folder: Path, inputs: ExportInputs, merged: MergedModel, export_format: str) -> None:
-    """medlora_export.json: what was merged into what, and how well the merge check went."""
+def write_export_note(folder: Path, inputs: ExportInputs, merged: MergedModel, export_format: str,
+                      extra: dict | None = None) -> None:
+    """medlora_export.json: what was merged into what, and how well the merge check went (+ `extra`)."""
     note = {
         "format": export_format, "base_model": inputs.base_model, "resolved_base_model": str(inputs.model_path),
         "lora_weights": str(inputs.lora_weights.resolve()), "merged_into": merged.merged_into,
         "dtype": dtype_name(merged.dtype), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "prompt_template_name": inputs.run_settings.get("prompt_template_name"), "check_prompt": CHECK_PROMPT,
         "max_logit_difference": merged.max_difference, "logit_tolerance": merged.tolerance,
-        "adapter_max_logit_change": merged.adapter_change,
+        "adapter_max_logit_change": merged.adapter_change, **(extra or {}),
     }
     (folder / EXPORT_NOTE_FILE).write_text(json.dumps(note, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -338,6 +343,12 @@ def meta_state_dict(model, dtype: torch.dtype) -> dict:
 
 def copy_tokenizer_model(inputs: ExportInputs, folder: Path) -> Path | None:
     """Meta's tokenizer.model (SentencePiece, or tiktoken for Llama 3) beside the weights, when the base has one."""
+    source = find_tokenizer_model(inputs)
+    return Path(shutil.copyfile(source, folder / "tokenizer.model")) if source else None
+
+
+def find_tokenizer_model(inputs: ExportInputs) -> Path | None:
+    """The adapter's or the base's tokenizer.model, if either has one."""
     candidates = [inputs.lora_weights / "tokenizer.model"]
     if Path(inputs.model_path).is_dir():
         candidates += [Path(inputs.model_path, "tokenizer.model"), Path(inputs.model_path, "original/tokenizer.model")]
@@ -349,7 +360,4 @@ def copy_tokenizer_model(inputs: ExportInputs, folder: Path) -> Path | None:
                 candidates.append(Path(hf_hub_download(inputs.model_path, name)))
             except Exception:  # noqa: BLE001, S110 - absent from the repo, or offline: exported without it
                 pass
-    for candidate in candidates:
-        if candidate.is_file():
-            return Path(shutil.copyfile(candidate, folder / "tokenizer.model"))
-    return None
+    return next((candidate for candidate in candidates if candidate.is_file()), None)

@@ -171,6 +171,9 @@ CASES = [
      "adapter_model.safetensors: truncated"),
     ("export_hf_checkpoint", ["--lora_weights", "{d}/good_adapter", "--output_dir", "{out}", "--dtype", "float8"],
      "--dtype"),
+    ("export_gguf", ["--lora_weights", "{d}/no_weights_adapter", "--output_dir", "{out}"],
+     "--lora_weights {d}/no_weights_adapter: no adapter weights"),
+    ("export_gguf", ["--lora_weights", "{d}/good_adapter", "--output_dir", "{out}", "--outtype", "q4_k"], "--outtype"),
     ("export_state_dict_checkpoint", ["--lora_weights", "{d}/empty_folder", "--output_dir", "{out}"],
      "--lora_weights {d}/empty_folder: the folder is empty"),
     ("export_state_dict_checkpoint", ["--lora_weights", "tloen/alpaca-lora-7b", "--output_dir", "{out}"],
@@ -226,7 +229,7 @@ def test_the_table_covers_every_script_with_sixty_cases():
     scripts = {case[0] for case in CASES}
     assert len(CASES) >= 60
     assert scripts == {"finetune", "pretrain", "dpo", "reward", "rl", "chat", "generate", "serve", "evaluate",
-                       "export_hf_checkpoint", "export_state_dict_checkpoint"}
+                       "export_hf_checkpoint", "export_state_dict_checkpoint", "export_gguf"}
 
 
 @pytest.mark.parametrize("script, flags, expected", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])

@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import ROOT, run_script
 
-STAGE_SCRIPTS = ["finetune", "pretrain", "dpo", "reward", "rl", "chat", "generate", "serve", "evaluate",
+STAGE_SCRIPTS = ["finetune", "pretrain", "dpo", "reward", "rl", "chat", "generate", "serve", "evaluate", "export_gguf",
                  "export_hf_checkpoint", "export_state_dict_checkpoint"]
 
 
