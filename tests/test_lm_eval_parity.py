@@ -203,4 +203,4 @@ def test_evaluate_help_does_not_import_lm_eval():
     result = run_script("-X", "importtime", "evaluate.py", "--help")
     imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
     assert "medlora.cli" in imported and not [name for name in imported if name.startswith("lm_eval")]
-    assert "--harness" in result.stderr and "--include_path" in result.stderr  # fire's help, on stderr
+    assert "--harness" in result.stdout and "--include_path" in result.stdout  # MedLoRA's --help, on stdout
