@@ -17,7 +17,7 @@ import sys
 
 from medlora import cli
 from medlora.errors import MedLoRAError
-from medlora.generation import DISCLAIMER, GenerationSettings
+from medlora.inference.generation import DISCLAIMER, GenerationSettings
 
 USER_PROMPT = "You: "
 ASSISTANT_PREFIX = "Assistant: "
@@ -49,7 +49,7 @@ def main(
     settings = GenerationSettings(temperature, top_p, top_k, num_beams, max_new_tokens, repetition_penalty).validate()
     if system is not None:
         system = str(system)
-    from medlora.generation import ChatModel
+    from medlora.inference.generation import ChatModel
 
     # In one-shot mode stdout carries only the answer; everything else goes to stderr.
     notes = sys.stderr if prompt else sys.stdout

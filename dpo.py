@@ -23,10 +23,10 @@ import logging
 import time
 
 from medlora import cli
+from medlora.data.records import usage_lines
+from medlora.data.templates import PromptTemplate
 from medlora.errors import MedLoRAError
 from medlora.paths import DATA_DIR
-from medlora.records import usage_lines
-from medlora.templates import PromptTemplate
 
 DEFAULT_DATA = str(DATA_DIR / "preference")
 LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "orpo": None, "simpo": None}  # our name -> TRL's DPOConfig loss_type
@@ -107,8 +107,10 @@ def train(
     """
     settings = dict(locals())  # the flags as given, saved in medlora_run.json
     # Imported here, not at the top, so that --help answers without loading torch and transformers.
-    from medlora import distributed
-    from medlora.modeling import (
+    from medlora.data.preference import encode_pairs, load_preference_pairs
+    from medlora.data.splits import split_validation
+    from medlora.flags import check_numeric_flags
+    from medlora.models.loading import (
         continued_adapter_defaults,
         count_parameters,
         fit_embeddings_to_tokenizer,
@@ -118,22 +120,19 @@ def train(
         resolve_base_model,
         resolve_precision,
     )
-    from medlora.preference import (
-        encode_pairs,
-        load_preference_pairs,
+    from medlora.training import distributed
+    from medlora.training.preference_trainer import (
+        PreferenceTrainer,
         restore_fp32_adapter,
     )
-    from medlora.preference_trainer import PreferenceTrainer
-    from medlora.saving import save_trained_model
-    from medlora.training import (
+    from medlora.training.saving import save_trained_model
+    from medlora.training.trainer import (
         MarkCompleteCheckpoints,
-        check_numeric_flags,
         gradient_accumulation_steps_for,
         prepare_quantized_for_training,
         resolve_report_to,
         resolve_resume_checkpoint,
         shared_training_arguments,
-        split_validation,
         training_loss_change,
     )
 

@@ -26,8 +26,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from medlora import cli
-from medlora.builtin_models import DEFAULT_BASE_MODEL, default_template_for
 from medlora.errors import MedLoRAError
+from medlora.models.builtin import DEFAULT_BASE_MODEL, default_template_for
 from medlora.paths import DATA_DIR
 
 DEFAULT_DATA = str(DATA_DIR / "eval")
@@ -58,18 +58,18 @@ def main(
     include_path: str = "",  # --harness lm_eval: a folder of your own lm-eval task YAML files
 ):
     """Evaluate BASE_MODEL (+ LORA_WEIGHTS) on the questions in DATA_PATH, or on lm-eval's TASKS with --harness lm_eval."""
-    from medlora.eval_report import (
+    from medlora.data.questions import load_question_file, pick_fewshot, question_files
+    from medlora.data.records import load_conversations
+    from medlora.data.templates import PromptTemplate
+    from medlora.evaluation.report import (
         ModelResults,
         Section,
         comparisons,
         perplexity_label,
         summary_table,
     )
-    from medlora.evaluation import Evaluator
-    from medlora.questions import load_question_file, pick_fewshot, question_files
-    from medlora.records import load_conversations
+    from medlora.evaluation.scoring import Evaluator
     from medlora.run_folder import RunFolder
-    from medlora.templates import PromptTemplate
 
     # ---- check flags and read every question before any model loads ------------------------------------------
     if method not in METHODS:
@@ -87,7 +87,7 @@ def main(
         if given:
             raise MedLoRAError(f"--harness lm_eval runs lm-eval's own tasks and prompts; {', '.join(given)} "
                                f"{'does' if len(given) == 1 else 'do'} not apply to it")
-        from medlora import harness as lm_harness
+        from medlora.evaluation import harness as lm_harness
 
         task_names = lm_harness.task_names(tasks)
         manager = lm_harness.task_manager(task_names, include_path)  # unknown task names fail before the model loads
@@ -113,7 +113,7 @@ def main(
     cutoff_len = cutoff_len or settings.get("cutoff_len") or 256
 
     # ---- model ------------------------------------------------------------------------------------------------
-    from medlora.modeling import load_for_inference
+    from medlora.models.loading import load_for_inference
 
     loaded = load_for_inference(base_model or (None if lora_weights else DEFAULT_BASE_MODEL), run if lora_weights else None,
                                 load_in_4bit, load_in_8bit, trust_remote_code=trust_remote_code)
@@ -169,8 +169,8 @@ def main(
 def validation_records(settings: dict, lora_weights: str) -> tuple:
     """(records, description): the adapter's held-out validation records, split again from its training data
     exactly as finetune.py split them (same file, --val_set_size and --seed)."""
-    from medlora.records import load_conversations
-    from medlora.training import split_validation
+    from medlora.data.records import load_conversations
+    from medlora.data.splits import split_validation
 
     if not settings.get("val_set_size") or not settings.get("data_path"):
         raise MedLoRAError(f"--method perplexity needs --perplexity_path: {lora_weights or 'the model'} has no "

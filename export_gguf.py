@@ -48,10 +48,21 @@ def main(
     import torch
     from transformers import AutoConfig
 
-    from medlora.builtin_models import default_template_for
-    from medlora.chat_formats import chat_fields, jinja_chat_template, modelfile_text
+    from medlora.data.templates import PromptTemplate
     from medlora.errors import MedLoRAError
-    from medlora.export import (
+    from medlora.export.chat_formats import (
+        chat_fields,
+        jinja_chat_template,
+        modelfile_text,
+    )
+    from medlora.export.gguf import (
+        OUTTYPES,
+        check_architecture,
+        check_tokenization,
+        load_gguf,
+        write_gguf,
+    )
+    from medlora.export.merge import (
         CHECK_PROMPT,
         check_logits,
         check_output_dir,
@@ -61,14 +72,7 @@ def main(
         staged_output,
         write_export_note,
     )
-    from medlora.gguf_export import (
-        OUTTYPES,
-        check_architecture,
-        check_tokenization,
-        load_gguf,
-        write_gguf,
-    )
-    from medlora.templates import PromptTemplate
+    from medlora.models.builtin import default_template_for
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if outtype not in OUTTYPES:

@@ -31,7 +31,7 @@ def main(
     trust_remote_code: bool = False,
 ):
     """Merge LORA_WEIGHTS into BASE_MODEL and save the result to OUTPUT_DIR."""
-    from medlora.export import (
+    from medlora.export.merge import (
         check_output_dir,
         check_saved_checkpoint,
         dtype_name,

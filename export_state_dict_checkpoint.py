@@ -30,7 +30,7 @@ def main(
     import torch
     from transformers import AutoConfig
 
-    from medlora.export import (
+    from medlora.export.merge import (
         check_meta_layout_supported,
         check_output_dir,
         copy_tokenizer_model,

@@ -18,12 +18,12 @@ from collections import namedtuple
 from pathlib import Path
 
 from medlora import cli
-from medlora.builtin_models import default_template_for
+from medlora.data.records import usage_lines
+from medlora.data.templates import PromptTemplate
+from medlora.data.tokenization import DROPPED_BY_TRUNCATION
 from medlora.errors import MedLoRAError
+from medlora.models.builtin import default_template_for
 from medlora.paths import DATA_DIR
-from medlora.records import usage_lines
-from medlora.templates import PromptTemplate
-from medlora.tokenization import DROPPED_BY_TRUNCATION
 
 DEFAULT_DATA = str(DATA_DIR / "sft")
 FinetuneResult = namedtuple("FinetuneResult", "model tokenizer trainer train_report")
@@ -118,8 +118,11 @@ def train(
     """
     settings = dict(locals())  # the flags as given, saved in medlora_run.json
     # Imported here, not at the top, so that --help answers without loading torch and transformers.
-    from medlora import distributed
-    from medlora.modeling import (
+    from medlora.data.records import load_conversations
+    from medlora.data.splits import split_validation
+    from medlora.data.tokenization import ConversationEncoder
+    from medlora.flags import check_numeric_flags
+    from medlora.models.loading import (
         continued_adapter_defaults,
         count_parameters,
         fit_embeddings_to_tokenizer,
@@ -131,16 +134,17 @@ def train(
         resolve_precision,
         trainable_parameters_to_fp32,
     )
-    from medlora.packed_attention import PACKED_ATTENTION, use_packed_attention
-    from medlora.records import load_conversations
+    from medlora.models.packed_attention import PACKED_ATTENTION, use_packed_attention
     from medlora.run_folder import RunFolder
-    from medlora.saving import save_trained_model
-    from medlora.tokenization import ConversationEncoder
-    from medlora.training import (
-        LabelOnlyLossTrainer,
+    from medlora.training import distributed
+    from medlora.training.collators import (
         PackedCollator,
         PaddedCollator,
-        check_numeric_flags,
+        supports_packing,
+    )
+    from medlora.training.saving import save_trained_model
+    from medlora.training.trainer import (
+        LabelOnlyLossTrainer,
         gradient_accumulation_steps_for,
         optimizer_steps,
         prepare_quantized_for_training,
@@ -148,13 +152,11 @@ def train(
         resolve_resume_checkpoint,
         resolve_warmup,
         shared_training_arguments,
-        split_validation,
-        supports_packing,
         training_loss_change,
     )
 
     if list_templates:
-        from medlora.templates import available_templates
+        from medlora.data.templates import available_templates
 
         for name in available_templates():
             print(f"{name:14s} {PromptTemplate.load(name).description}")

@@ -16,7 +16,7 @@ import time
 
 from medlora import cli
 from medlora.errors import MedLoRAError
-from medlora.generation import DISCLAIMER, GenerationSettings
+from medlora.inference.generation import DISCLAIMER, GenerationSettings
 
 UI_TEMPERATURE = 0.7
 
@@ -58,13 +58,13 @@ def main(
 
     # ---- check every input before the model loads ---------------------------------------------------------
     if batch:
-        from medlora.predictions import read_prediction_records
+        from medlora.inference.predictions import read_prediction_records
 
         if not (data_file and predictions_file):
             raise MedLoRAError("batch mode needs both --data_file and --predictions_file")
         records = read_prediction_records(data_file)
     else:
-        from medlora.web_ui import parse_auth
+        from medlora.inference.web_ui import parse_auth
 
         credentials = parse_auth(auth)
         for name, value in dict(max_input_chars=max_input_chars, concurrency_limit=concurrency_limit,
@@ -75,7 +75,7 @@ def main(
             raise MedLoRAError(f"--server_port {server_port!r}: must be a port number (1-65535)")
 
     # ---- model ----------------------------------------------------------------------------------------------
-    from medlora.generation import ChatModel
+    from medlora.inference.generation import ChatModel
 
     chat = ChatModel.load(base_model, lora_weights, load_in_8bit, load_in_4bit, prompt_template_name, device, precision,
                           trust_remote_code)
@@ -83,7 +83,7 @@ def main(
 
     # ---- batch mode -----------------------------------------------------------------------------------------
     if batch:
-        from medlora.predictions import write_predictions
+        from medlora.inference.predictions import write_predictions
 
         summary = write_predictions(chat, records, predictions_file, settings)
         print(f"wrote {summary['records']} predictions to {predictions_file} in {summary['seconds']:.1f}s "
@@ -92,7 +92,7 @@ def main(
         return None
 
     # ---- web page -------------------------------------------------------------------------------------------
-    from medlora.web_ui import build_demo, launch
+    from medlora.inference.web_ui import build_demo, launch
 
     if server_name not in ("127.0.0.1", "localhost") and not credentials:
         print(f"warning: --server_name {server_name} without --auth: anyone on your network can use the model",

@@ -20,8 +20,8 @@ import math
 import time
 
 from medlora import cli
-from medlora.builtin_models import DEFAULT_BASE_MODEL
 from medlora.errors import MedLoRAError
+from medlora.models.builtin import DEFAULT_BASE_MODEL
 from medlora.paths import DATA_DIR
 
 DEFAULT_DATA = str(DATA_DIR / "pretrain")
@@ -86,8 +86,14 @@ def pretrain(
     """
     settings = dict(locals())  # the flags as given, saved in medlora_run.json
     # Imported here, not at the top, so that --help answers without loading torch and transformers.
-    from medlora import distributed
-    from medlora.modeling import (
+    from medlora.data.pretraining import (
+        group_into_blocks,
+        load_documents,
+        tokenize_documents,
+    )
+    from medlora.data.splits import split_validation
+    from medlora.flags import check_numeric_flags
+    from medlora.models.loading import (
         count_parameters,
         fit_embeddings_to_tokenizer,
         load_base_model,
@@ -97,22 +103,16 @@ def pretrain(
         resolve_precision,
         trainable_parameters_to_fp32,
     )
-    from medlora.pretraining import (
-        group_into_blocks,
-        load_documents,
-        tokenize_documents,
-    )
-    from medlora.saving import save_trained_model
-    from medlora.training import (
+    from medlora.training import distributed
+    from medlora.training.collators import PaddedCollator
+    from medlora.training.saving import save_trained_model
+    from medlora.training.trainer import (
         LabelOnlyLossTrainer,
-        PaddedCollator,
-        check_numeric_flags,
         gradient_accumulation_steps_for,
         prepare_quantized_for_training,
         resolve_report_to,
         resolve_resume_checkpoint,
         shared_training_arguments,
-        split_validation,
         training_loss_change,
     )
 

@@ -20,11 +20,11 @@ import logging
 import time
 
 from medlora import cli
-from medlora.builtin_models import DEFAULT_BASE_MODEL, default_template_for
+from medlora.data.records import usage_lines
+from medlora.data.templates import PromptTemplate
 from medlora.errors import MedLoRAError
+from medlora.models.builtin import DEFAULT_BASE_MODEL, default_template_for
 from medlora.paths import DATA_DIR
-from medlora.records import usage_lines
-from medlora.templates import PromptTemplate
 
 DEFAULT_DATA = str(DATA_DIR / "preference")
 SCORE_HEAD_NAMES = ("score", "classifier")  # what transformers calls the head of *ForSequenceClassification
@@ -94,8 +94,10 @@ def train(
     # Imported here, not at the top, so that --help answers without loading torch and transformers.
     import torch
 
-    from medlora import distributed
-    from medlora.modeling import (
+    from medlora.data.preference import encode_pairs, load_preference_pairs
+    from medlora.data.splits import split_validation
+    from medlora.flags import check_numeric_flags
+    from medlora.models.loading import (
         count_parameters,
         fit_embeddings_to_tokenizer,
         load_base_model,
@@ -105,17 +107,15 @@ def train(
         resolve_precision,
         trainable_parameters_to_fp32,
     )
-    from medlora.preference import encode_pairs, load_preference_pairs
-    from medlora.saving import save_trained_model
-    from medlora.training import (
+    from medlora.training import distributed
+    from medlora.training.saving import save_trained_model
+    from medlora.training.trainer import (
         MarkCompleteCheckpoints,
-        check_numeric_flags,
         gradient_accumulation_steps_for,
         prepare_quantized_for_training,
         resolve_report_to,
         resolve_resume_checkpoint,
         shared_training_arguments,
-        split_validation,
         training_loss_change,
     )
 

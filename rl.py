@@ -23,9 +23,9 @@ import random
 import time
 
 from medlora import cli
+from medlora.data.templates import PromptTemplate
 from medlora.errors import MedLoRAError
 from medlora.paths import DATA_DIR
-from medlora.templates import PromptTemplate
 
 DEFAULT_DATA = str(DATA_DIR / "preference")
 logger = logging.getLogger("rl")
@@ -110,8 +110,9 @@ def train(
     """
     settings = dict(locals())  # the flags as given, saved in medlora_run.json
     # Imported here, not at the top, so that --help answers without loading torch and transformers.
-    from medlora import distributed
-    from medlora.modeling import (
+    from medlora.data.tokenization import ConversationEncoder
+    from medlora.flags import check_numeric_flags
+    from medlora.models.loading import (
         continued_adapter_defaults,
         count_parameters,
         fit_embeddings_to_tokenizer,
@@ -121,23 +122,19 @@ def train(
         resolve_base_model,
         resolve_precision,
     )
-    from medlora.preference import (
-        checked_reward_model,
-        load_reward_model,
-        restore_fp32_adapter,
-    )
-    from medlora.rewards import (
+    from medlora.training import distributed
+    from medlora.training.preference_trainer import restore_fp32_adapter
+    from medlora.training.reward_model import checked_reward_model, load_reward_model
+    from medlora.training.rewards import (
         PromptIdsGRPOTrainer,
         load_prompts,
         mean_greedy_reward,
         model_reward,
         rule_reward,
     )
-    from medlora.saving import save_trained_model
-    from medlora.tokenization import ConversationEncoder
-    from medlora.training import (
+    from medlora.training.saving import save_trained_model
+    from medlora.training.trainer import (
         MarkCompleteCheckpoints,
-        check_numeric_flags,
         gradient_accumulation_steps_for,
         prepare_quantized_for_training,
         resolve_report_to,

@@ -20,7 +20,7 @@ import os
 
 from medlora import cli
 from medlora.errors import MedLoRAError
-from medlora.generation import DISCLAIMER, GenerationSettings
+from medlora.inference.generation import DISCLAIMER, GenerationSettings
 
 API_KEY_VARIABLE = "MEDLORA_API_KEY"
 
@@ -67,7 +67,7 @@ def main(
     defaults = GenerationSettings(temperature, top_p, top_k, 1, max_new_tokens, repetition_penalty).validate()
     if int(max_concurrency) < 1 or int(max_queue) < 0:
         raise MedLoRAError("--max_concurrency must be >= 1 and --max_queue >= 0")
-    from medlora.serving import ServedModels, create_app, parse_adapters
+    from medlora.inference.serving import ServedModels, create_app, parse_adapters
 
     adapters = parse_adapters(lora_weights)
     api_key = str(api_key or os.environ.get(API_KEY_VARIABLE, ""))

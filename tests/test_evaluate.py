@@ -1,4 +1,4 @@
-"""evaluate.py, medlora/questions.py and medlora/evaluation.py on the built-in tiny model: question
+"""evaluate.py, medlora/data/questions.py and medlora/evaluation/scoring.py on the built-in tiny model: question
 formats and their errors, loglik scores against a brute-force computation, acc vs acc_norm, answer
 extraction, batching, perplexity, and --compare end to end."""
 
@@ -8,19 +8,19 @@ import math
 import pytest
 import torch
 
-from medlora.errors import MedLoRAError
-from medlora.evaluation import Evaluator, choose_options, extract_choice
-from medlora.modeling import load_for_inference
-from medlora.questions import (
+from medlora.data.questions import (
     Question,
     conversation,
     load_question_file,
     pick_fewshot,
     question_files,
 )
-from medlora.records import load_conversations
-from medlora.templates import PromptTemplate
-from medlora.tokenization import ConversationEncoder
+from medlora.data.records import load_conversations
+from medlora.data.templates import PromptTemplate
+from medlora.data.tokenization import ConversationEncoder
+from medlora.errors import MedLoRAError
+from medlora.evaluation.scoring import Evaluator, choose_options, extract_choice
+from medlora.models.loading import load_for_inference
 from tests.conftest import ROOT, SAMPLE_SFT, TINY, run_script
 
 EVAL_DATA = ROOT / "data" / "eval"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from medlora.errors import MedLoRAError
-from medlora.export import (
+from medlora.export.merge import (
     check_logits,
     check_output_dir,
     merge_adapter,
@@ -128,7 +128,7 @@ def test_hf_export_of_tiny_llama_equals_base_plus_adapter(hf_export, tiny_adapte
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from medlora.modeling import load_for_inference
+    from medlora.models.loading import load_for_inference
 
     output_dir, result = hf_export
     assert "largest logit difference from base + adapter" in result.stdout
@@ -198,7 +198,7 @@ def test_qlora_adapter_merges_into_the_dequantized_base(qlora_adapter, tiny_mode
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from medlora.modeling import load_base_model, load_tokenizer
+    from medlora.models.loading import load_base_model, load_tokenizer
 
     output_dir = tmp_path / "qlora-merged"
     result = run_script("export_hf_checkpoint.py", "--lora_weights", qlora_adapter, "--output_dir", output_dir,

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from medlora.chat_formats import (
+from medlora.data.templates import PromptTemplate, available_templates
+from medlora.errors import MedLoRAError
+from medlora.export.chat_formats import (
     chat_fields,
     jinja_chat_template,
     ollama_template,
     sample_conversations,
 )
-from medlora.errors import MedLoRAError
-from medlora.templates import PromptTemplate, available_templates
 from tests.conftest import ROOT, run_script
 from tests.test_export import folder_snapshot, load_script, random_adapter
 
@@ -69,7 +69,7 @@ def read_metadata(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def reference(tiny_adapter):
     """base + adapter (PEFT, unmerged, float32) as generate.py loads it, and the base alone."""
-    from medlora.modeling import load_for_inference
+    from medlora.models.loading import load_for_inference
 
     loaded = load_for_inference(lora_weights=str(tiny_adapter), precision="fp32")
     with loaded.model.disable_adapter():
@@ -88,7 +88,7 @@ def q8_export(tmp_path_factory, tiny_adapter):
 # ---- SentencePiece: the built-in tiny model ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_q8_0_file_reads_back_with_base_plus_adapter_logits_and_tokens(q8_export, reference, tiny_adapter):
-    from medlora.gguf_export import load_gguf
+    from medlora.export.gguf import load_gguf
 
     output_dir, result = q8_export
     assert "GGUF file read back: largest logit difference" in result.stdout
@@ -126,7 +126,7 @@ def test_q8_0_file_reads_back_with_base_plus_adapter_logits_and_tokens(q8_export
 
 @pytest.mark.slow
 def test_f32_f16_bf16_files_match_within_their_tolerances_and_answer_alike(tiny_adapter, reference, tmp_path):
-    from medlora.gguf_export import load_gguf
+    from medlora.export.gguf import load_gguf
 
     model, tokenizer, expected, _ = reference
     export = load_script("export_gguf.py").main
@@ -147,8 +147,8 @@ def test_qwen2_with_biases_exports_without_rotary_permutation(tmp_path_factory, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from medlora.export import merge_adapter, resolve_inputs
-    from medlora.gguf_export import OUTTYPES, load_gguf, write_gguf
+    from medlora.export.gguf import OUTTYPES, load_gguf, write_gguf
+    from medlora.export.merge import merge_adapter, resolve_inputs
 
     config = Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1,
@@ -175,7 +175,7 @@ def test_gqa_mistral_exports_as_llama(tmp_path_factory, tiny_model_path, tiny_to
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    from medlora.gguf_export import load_gguf
+    from medlora.export.gguf import load_gguf
 
     config = MistralConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=8, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True,
@@ -268,7 +268,7 @@ def test_modelfile_template_renders_every_template_like_training(q8_export, tiny
 
 
 def test_chat_templates_ollama_cannot_express_are_refused_in_one_line(tiny_model_path):
-    from medlora.modeling import load_tokenizer
+    from medlora.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_path))
     chat = PromptTemplate.load("chat")
@@ -287,12 +287,12 @@ def test_smollm2_export_matches_the_gguf_llama_cpp_wrote_and_the_model(tmp_path)
     """The script's steps, called directly so that the 135M model is loaded, merged and read back once each."""
     from peft import LoraConfig, get_peft_model
 
-    from medlora.chat_formats import modelfile_text
-    from medlora.export import merge_adapter, resolve_inputs
-    from medlora.gguf_export import OUTTYPES, check_tokenization, load_gguf, write_gguf
-    from medlora.modeling import load_base_model, resolve_base_model
+    from medlora.export.chat_formats import modelfile_text
+    from medlora.export.gguf import OUTTYPES, check_tokenization, load_gguf, write_gguf
+    from medlora.export.merge import merge_adapter, resolve_inputs
+    from medlora.models.loading import load_base_model, resolve_base_model
+    from medlora.models.smollm2 import BUILTIN_SMOLLM2, gguf_path
     from medlora.run_folder import RunFolder
-    from medlora.smollm2 import BUILTIN_SMOLLM2, gguf_path
 
     adapter_dir = tmp_path / "lora"
     with torch.random.fork_rng(devices=[]):

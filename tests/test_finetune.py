@@ -10,9 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import finetune
-from medlora.modeling import load_for_inference
-from medlora.packed_attention import use_packed_attention
-from medlora.tiny_model import build_tiny_model
+from medlora.models.loading import load_for_inference
+from medlora.models.packed_attention import use_packed_attention
+from medlora.models.tiny_model import build_tiny_model
 from tests.conftest import SAMPLE_SFT, TINY, run_script
 
 
@@ -64,11 +64,12 @@ def test_reloaded_adapter_gives_the_same_logits(trained):
 def test_padded_and_packed_batches_give_the_same_loss(tiny_model_path, tiny_tokenizer):
     from peft import LoraConfig, get_peft_model
 
-    from medlora.modeling import load_base_model
-    from medlora.records import load_conversations
-    from medlora.templates import PromptTemplate
-    from medlora.tokenization import ConversationEncoder
-    from medlora.training import PackedCollator, PaddedCollator, label_only_loss
+    from medlora.data.records import load_conversations
+    from medlora.data.templates import PromptTemplate
+    from medlora.data.tokenization import ConversationEncoder
+    from medlora.models.loading import load_base_model
+    from medlora.training.collators import PackedCollator, PaddedCollator
+    from medlora.training.trainer import label_only_loss
 
     conversations = load_conversations(SAMPLE_SFT).conversations[:6]
     report = ConversationEncoder(tiny_tokenizer, PromptTemplate.load("alpaca"), 256).encode(conversations)
@@ -135,7 +136,7 @@ def test_fused_linear_cross_entropy_equals_cross_entropy_of_full_logits(dtype, t
     the model's precision, upcast to fp32), for the summed loss and the gradients of both the hidden
     states and the weight; 40 rows in chunks of 16 leave a partial last chunk. bf16 is what GPUs
     train with."""
-    from medlora.loss import FusedLinearCrossEntropy
+    from medlora.training.loss import FusedLinearCrossEntropy
 
     generator = torch.Generator().manual_seed(0)
     hidden = (torch.randn(40, 32, generator=generator) * 2).to(dtype).requires_grad_()
@@ -158,12 +159,13 @@ def test_fused_linear_cross_entropy_equals_cross_entropy_of_full_logits(dtype, t
 def test_fused_loss_gradients_equal_plain_cross_entropy(tiny_model_path, tiny_tokenizer, use_lora):
     from peft import LoraConfig, get_peft_model
 
-    from medlora.loss import fusable_output_layer
-    from medlora.modeling import load_base_model
-    from medlora.records import load_conversations
-    from medlora.templates import PromptTemplate
-    from medlora.tokenization import ConversationEncoder
-    from medlora.training import PackedCollator, PaddedCollator, label_only_loss
+    from medlora.data.records import load_conversations
+    from medlora.data.templates import PromptTemplate
+    from medlora.data.tokenization import ConversationEncoder
+    from medlora.models.loading import load_base_model
+    from medlora.training.collators import PackedCollator, PaddedCollator
+    from medlora.training.loss import fusable_output_layer
+    from medlora.training.trainer import label_only_loss
 
     conversations = load_conversations(SAMPLE_SFT).conversations[:5]
     report = ConversationEncoder(tiny_tokenizer, PromptTemplate.load("alpaca"), 256).encode(conversations)

@@ -1,4 +1,4 @@
-"""The generation core (medlora/generation.py) on the built-in tiny model, generate.py's batch mode,
+"""The generation core (medlora/inference/generation.py) on the built-in tiny model, generate.py's batch mode,
 and the web server's password check (a real Gradio server on 127.0.0.1)."""
 
 import json
@@ -18,11 +18,11 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from medlora.data.templates import Conversation, PromptTemplate
+from medlora.data.tokenization import IGNORE_INDEX
 from medlora.errors import MedLoRAError
-from medlora.generation import ChatModel, GenerationSettings, StopStrings
-from medlora.predictions import read_prediction_records
-from medlora.templates import Conversation, PromptTemplate
-from medlora.tokenization import IGNORE_INDEX
+from medlora.inference.generation import ChatModel, GenerationSettings, StopStrings
+from medlora.inference.predictions import read_prediction_records
 from tests.conftest import ROOT, TINY, run_script
 
 QUESTION = [{"role": "user", "content": "I have a headache and a fever. What should I do?"}]
@@ -33,7 +33,7 @@ VARIED_GREEDY = GenerationSettings(temperature=0, max_new_tokens=16, repetition_
 
 @pytest.fixture(scope="module")
 def base_inference(tiny_model_path):
-    from medlora.modeling import load_for_inference
+    from medlora.models.loading import load_for_inference
 
     return load_for_inference(TINY)
 
@@ -349,7 +349,7 @@ def running_server(*args, startup_timeout=180):
 
 @pytest.mark.slow
 def test_auth_refuses_a_wrong_password(tiny_adapter, tmp_path):
-    from medlora.web_ui import parse_auth
+    from medlora.inference.web_ui import parse_auth
 
     users = tmp_path / "users.txt"
     users.write_text("# who may use the demo\ndoctor:s3cret\nnurse:pa:ss\n", encoding="utf-8")

@@ -19,19 +19,24 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.metrics import mean_stderr as lm_eval_mean_stderr
 from lm_eval.tasks import get_task_dict
 
+from medlora.data.questions import (
+    Question,
+    conversation,
+    load_question_file,
+    reply_text,
+)
+from medlora.data.templates import PromptTemplate
 from medlora.errors import MedLoRAError
-from medlora.eval_report import difference, mean_stderr
-from medlora.evaluation import Evaluator
-from medlora.harness import (
+from medlora.evaluation.harness import (
     harness_model,
     run_tasks,
     task_manager,
     task_metrics,
     unknown_task,
 )
-from medlora.modeling import load_for_inference
-from medlora.questions import Question, conversation, load_question_file, reply_text
-from medlora.templates import PromptTemplate
+from medlora.evaluation.report import difference, mean_stderr
+from medlora.evaluation.scoring import Evaluator
+from medlora.models.loading import load_for_inference
 from tests.conftest import ROOT, run_script
 
 EVAL_DATA = ROOT / "data" / "eval"
@@ -190,7 +195,7 @@ def test_unknown_task_names_the_nearest_ones():
 
 
 def test_lm_evals_evaluate_import_finds_hugging_faces_library_not_this_script():
-    import medlora.harness
+    import medlora.evaluation.harness
 
     medlora.harness.task_names("x")  # (no import yet)
     sys.modules.pop("evaluate", None)

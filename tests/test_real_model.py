@@ -71,7 +71,7 @@ def all_cores():
                           "tuned model ran past 256 tokens on at least one held-out question; not yet diagnosed",
                    strict=False)
 def test_tuned_model_ends_its_answers_with_eos(demo, all_cores):
-    from medlora.generation import ChatModel
+    from medlora.inference.generation import ChatModel
 
     output_dir, _ = demo
     chat = ChatModel.load(lora_weights=str(output_dir))

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
+from medlora.data.records import load_conversations
+from medlora.data.templates import PromptTemplate
+from medlora.data.tokenization import ConversationEncoder
 from medlora.errors import MedLoRAError
-from medlora.records import load_conversations
-from medlora.templates import PromptTemplate
-from medlora.tokenization import ConversationEncoder
 from tests.conftest import SAMPLE_SFT, shared_dataset
 
 
@@ -130,7 +130,7 @@ PACKED = [
 
 
 def test_packed_dialogues_are_counted_and_left_alone_unless_asked(tmp_path):
-    from medlora.records import load_conversations
+    from medlora.data.records import load_conversations
 
     path = tmp_path / "packed.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PACKED), encoding="utf-8")
@@ -144,9 +144,9 @@ def test_packed_dialogues_are_counted_and_left_alone_unless_asked(tmp_path):
 
 
 def test_split_dialogues_makes_real_turns_and_trains_every_reply(tmp_path, tiny_tokenizer):
-    from medlora.records import load_conversations
-    from medlora.templates import PromptTemplate
-    from medlora.tokenization import IGNORE_INDEX, ConversationEncoder
+    from medlora.data.records import load_conversations
+    from medlora.data.templates import PromptTemplate
+    from medlora.data.tokenization import IGNORE_INDEX, ConversationEncoder
 
     path = tmp_path / "packed.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PACKED), encoding="utf-8")
@@ -172,8 +172,8 @@ def test_split_dialogues_makes_real_turns_and_trains_every_reply(tmp_path, tiny_
 
 
 def test_a_packed_dialogue_that_cannot_be_split_is_named(tmp_path):
+    from medlora.data.records import load_conversations
     from medlora.errors import MedLoRAError
-    from medlora.records import load_conversations
 
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"instruction": "Human: Hi\nAssistant: Hello, what is wrong?", "output": "x"}) + "\n")

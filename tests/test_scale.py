@@ -16,18 +16,14 @@ from peft.utils.constants import (
 from safetensors.torch import load_file
 
 import finetune
-from medlora.modeling import load_for_inference
-from medlora.packed_attention import use_packed_attention
-from medlora.records import load_conversations
+from medlora.data.records import load_conversations
+from medlora.data.templates import PromptTemplate
+from medlora.data.tokenization import ConversationEncoder
+from medlora.models.loading import load_for_inference
+from medlora.models.packed_attention import use_packed_attention
 from medlora.run_folder import CHECKPOINT_COMPLETE
-from medlora.templates import PromptTemplate
-from medlora.tokenization import ConversationEncoder
-from medlora.training import (
-    PackedCollator,
-    PaddedCollator,
-    label_only_loss,
-    supports_packing,
-)
+from medlora.training.collators import PackedCollator, PaddedCollator, supports_packing
+from medlora.training.trainer import label_only_loss
 from tests.conftest import ROOT, SAMPLE_SFT, TINY, run_script
 
 QUICK = dict(batch_size=4, micro_batch_size=2, val_set_size=0, warmup_steps=0, logging_steps=1, cutoff_len=96,

@@ -17,8 +17,8 @@ import pytest
 import uvicorn
 from safetensors.torch import load_file, save_file
 
-from medlora.generation import DISCLAIMER, ChatModel, GenerationSettings
-from medlora.serving import ServedModels, create_app
+from medlora.inference.generation import DISCLAIMER, ChatModel, GenerationSettings
+from medlora.inference.serving import ServedModels, create_app
 from tests.conftest import ROOT, TINY, run_script
 
 # Every test here starts a real server on a real model (the queue logic at the end is quick but shares the module).
@@ -308,7 +308,7 @@ def test_serve_py_script_with_key_from_the_environment(tiny_adapter, references)
 
 def test_lora_weights_flag_names_adapters(tiny_adapter, second_adapter):
     from medlora.errors import MedLoRAError
-    from medlora.serving import parse_adapters
+    from medlora.inference.serving import parse_adapters
 
     assert parse_adapters(f"medic={tiny_adapter}, {second_adapter}") == {"medic": str(tiny_adapter),
                                                                           "lora2": str(second_adapter)}
@@ -341,7 +341,7 @@ def test_gate_runs_one_adapter_at_a_time_in_arrival_order():
     refused."""
     import asyncio
 
-    from medlora.serving import GenerationGate
+    from medlora.inference.serving import GenerationGate
 
     async def scenario():
         selected = []

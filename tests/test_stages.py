@@ -1,6 +1,6 @@
 """The stages around SFT, end to end on the built-in tiny model: continued pretraining (pretrain.py),
 preference tuning (dpo.py), the reward model (reward.py) and RL (rl.py), each run through its launcher
-in scripts/ like a user would, plus their shared data code (medlora/pretraining.py, medlora/preference.py).
+in scripts/ like a user would, plus their shared data code (medlora/data/pretraining.py, medlora/data/preference.py).
 
 The tiny model is random and learns little, so every "it learns" check compares the same measurement
 before and after training on the training data, with fixed seeds and learning rates high enough to move it.
@@ -18,11 +18,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from medlora.data.preference import encode_pairs, load_preference_pairs, with_reply
+from medlora.data.pretraining import (
+    group_into_blocks,
+    load_documents,
+    tokenize_documents,
+)
+from medlora.data.templates import PromptTemplate
+from medlora.data.tokenization import ConversationEncoder
 from medlora.errors import MedLoRAError
-from medlora.preference import encode_pairs, load_preference_pairs, with_reply
-from medlora.pretraining import group_into_blocks, load_documents, tokenize_documents
-from medlora.templates import PromptTemplate
-from medlora.tokenization import ConversationEncoder
 from tests.conftest import ROOT, TINY, run_script, shared_dataset
 
 PREFERENCE_SAMPLE = ROOT / "data" / "preference" / "medical_preference_en.jsonl"
@@ -72,7 +76,7 @@ def test_pretraining_lowers_the_loss_and_the_validation_perplexity(pt_adapter):
 
 @pytest.mark.slow
 def test_pretrained_adapter_loads_for_inference_and_finetune_continues_it(pt_adapter, tmp_path):
-    from medlora.modeling import load_for_inference
+    from medlora.models.loading import load_for_inference
 
     output_dir, _ = pt_adapter
     settings = settings_of(output_dir)
@@ -97,7 +101,7 @@ def test_pretrained_adapter_loads_for_inference_and_finetune_continues_it(pt_ada
 @pytest.mark.slow
 def test_full_pretraining_writes_a_model_that_loads_as_a_base(tmp_path, tiny_model_path):
     import pretrain
-    from medlora.modeling import load_for_inference
+    from medlora.models.loading import load_for_inference
 
     pretrain.pretrain(base_model=TINY, output_dir=str(tmp_path / "full"), use_lora=False, block_size=64, batch_size=8,
                       micro_batch_size=8, max_steps=2, learning_rate=1e-3, val_set_size=6, warmup_steps=0,
@@ -297,7 +301,7 @@ def test_dpo_from_the_sft_adapter_raises_reward_accuracy(dpo_adapter):
 
 @pytest.mark.slow
 def test_dpo_adapter_loads_with_no_extra_flags(dpo_adapter, tiny_adapter):
-    from medlora.modeling import load_for_inference
+    from medlora.models.loading import load_for_inference
 
     output_dir, _ = dpo_adapter
     settings = settings_of(output_dir)
@@ -318,8 +322,8 @@ def test_preference_losses_match_their_formulas(tiny_model_path, tiny_tokenizer)
     from trl import DPOConfig
     from trl.trainer.utils import use_adapter
 
-    from medlora.modeling import load_base_model
-    from medlora.preference_trainer import PreferenceTrainer
+    from medlora.models.loading import load_base_model
+    from medlora.training.preference_trainer import PreferenceTrainer
 
     pairs = load_preference_pairs(PREFERENCE_SAMPLE).pairs[:3]
     examples = encode_pairs(tiny_tokenizer, PromptTemplate.load("alpaca"), pairs, 128).examples
@@ -383,7 +387,7 @@ def test_orpo_with_a_fresh_adapter_lowers_its_loss(tmp_path, tiny_model_path):
 @pytest.mark.slow
 def test_dpo_with_qlora_starts_at_its_reference(tmp_path, tiny_adapter):
     import dpo
-    from medlora.modeling import load_for_inference
+    from medlora.models.loading import load_for_inference
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(PREFERENCE_SAMPLE.read_text().splitlines(keepends=True)[:8]))
@@ -416,7 +420,7 @@ def test_reward_model_learns_the_preferences(reward_model):
 
 
 def test_reward_model_reloads_with_the_scores_it_trained_to(reward_model, tiny_tokenizer):
-    from medlora.preference import load_reward_model, score_sequences
+    from medlora.training.reward_model import load_reward_model, score_sequences
 
     output_dir, _ = reward_model
     settings = settings_of(output_dir)
@@ -460,9 +464,9 @@ def test_rl_with_the_rule_reward_raises_the_mean_reward(rl_policy, tmp_path):
 @pytest.mark.slow
 def test_rl_against_the_reward_model(reward_model, tiny_adapter, tmp_path):
     import rl
-    from medlora import rewards
-    from medlora.modeling import load_for_inference
-    from medlora.preference import load_reward_model, score_sequences
+    from medlora.models.loading import load_for_inference
+    from medlora.training import rewards
+    from medlora.training.reward_model import load_reward_model, score_sequences
 
     rm_dir, _ = reward_model
     prompts = tmp_path / "questions.txt"
@@ -487,7 +491,7 @@ def test_rl_against_the_reward_model(reward_model, tiny_adapter, tmp_path):
 
 
 def test_prompts_come_from_any_record_file(tmp_path):
-    from medlora import rewards
+    from medlora.training import rewards
 
     questions = tmp_path / "questions.txt"
     questions.write_text("Fever?\n\nCough?\n", encoding="utf-8")

@@ -3,13 +3,13 @@ import json
 
 import pytest
 
-from medlora.errors import MedLoRAError
-from medlora.templates import (
+from medlora.data.templates import (
     TEMPLATES_DIR,
     Conversation,
     PromptTemplate,
     available_templates,
 )
+from medlora.errors import MedLoRAError
 
 SINGLE_WITH_INPUT = Conversation([{"role": "user", "content": "What could this be?", "input": "Fever for two days."},
                                   {"role": "assistant", "content": "Likely a viral infection."}])

@@ -2,8 +2,8 @@
 
 import pytest
 
-from medlora.templates import Conversation, PromptTemplate
-from medlora.tokenization import (
+from medlora.data.templates import Conversation, PromptTemplate
+from medlora.data.tokenization import (
     DROPPED_BY_TRUNCATION,
     IGNORE_INDEX,
     ConversationEncoder,

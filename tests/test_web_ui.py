@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from medlora.generation import ChatModel, GenerationSettings
+from medlora.inference.generation import ChatModel, GenerationSettings
 from tests.conftest import ROOT
 from tests.test_generation import http, running_server
 
@@ -179,7 +179,7 @@ class HeldFirstAnswer:
 
 @contextlib.contextmanager
 def served_in_process(chat: ChatModel, max_queue_size: int = 16):
-    from medlora.web_ui import build_demo, launch
+    from medlora.inference.web_ui import build_demo, launch
     from tests.test_generation import free_port
 
     demo = build_demo(chat, SETTINGS, max_input_chars=MAX_INPUT_CHARS, concurrency_limit=1)

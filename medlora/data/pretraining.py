@@ -13,8 +13,8 @@ one-line MedLoRAErrors naming the file, the record and the field.
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medlora.data.records import parse_json_records, read_text
 from medlora.errors import MedLoRAError
-from medlora.records import parse_json_records, read_text
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 
@@ -82,7 +82,7 @@ def read_text_file(path: Path, text_field: str) -> list:
 
 def tokenize_documents(tokenizer, documents: list, batch_size: int = 1000) -> list:
     """Token ids of each document: the tokenizer's special prefix (BOS where it adds one), the text, then EOS."""
-    from medlora.tokenization import special_prefix_ids
+    from medlora.data.tokenization import special_prefix_ids
 
     if tokenizer.eos_token_id is None:
         raise MedLoRAError("the tokenizer has no EOS token to separate documents; pick a tokenizer with one")

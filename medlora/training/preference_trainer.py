@@ -48,3 +48,19 @@ class PreferenceTrainer(DPOTrainer):
         self._metrics[mode]["logps/chosen"].append(gathered(chosen.detach()))
         self._metrics[mode]["logps/rejected"].append(gathered(rejected.detach()))
         return (loss, outputs) if return_outputs else loss
+
+
+
+
+
+def restore_fp32_adapter(model) -> None:
+    """TRL's DPO and GRPO trainers cast a quantized model's trainable adapter to bf16, after copying it as the
+    frozen reference adapter "ref". Keep trainable weights in fp32 as finetune.py does, with the exact values
+    of the reference copy where there is one, so that training starts from the reference itself."""
+    import torch
+
+    parameters = dict(model.named_parameters())
+    for name, parameter in parameters.items():
+        if parameter.requires_grad and parameter.dtype in (torch.float16, torch.bfloat16):
+            reference = parameters.get(name.replace(".default.", ".ref."), parameter)
+            parameter.data = reference.data.float().clone()

@@ -11,8 +11,8 @@ from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 
+from medlora.data.templates import Conversation, PromptTemplate
 from medlora.errors import MedLoRAError
-from medlora.templates import Conversation, PromptTemplate
 
 IGNORE_INDEX = -100
 DROPPED_BY_TRUNCATION = "no trained token left after truncation at cutoff_len"

@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 from trl import GRPOTrainer
 
+from medlora.data.preference import load_preference_pairs, with_reply
+from medlora.data.records import SUPPORTED_SUFFIXES, read_file_records, read_text
+from medlora.data.templates import Conversation, PromptTemplate
+from medlora.data.tokenization import ConversationEncoder
 from medlora.errors import MedLoRAError
-from medlora.generation import StopStrings
-from medlora.predictions import read_prediction_records
-from medlora.preference import load_preference_pairs, score_sequences, with_reply
-from medlora.records import SUPPORTED_SUFFIXES, read_file_records, read_text
-from medlora.templates import Conversation, PromptTemplate
-from medlora.tokenization import ConversationEncoder
+from medlora.inference.generation import StopStrings
+from medlora.inference.predictions import read_prediction_records
+from medlora.training.reward_model import score_sequences
 
 ADVICE = re.compile(r"\b(doctors?|physicians?|clinicians?|GP|nurses?|pharmacists?|midwife|emergency|"
                     r"medical (?:attention|advice|help|care)|health ?care provider)\b|医生|就医|就诊|医院|急诊",

@@ -12,15 +12,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from medlora.errors import MedLoRAError
-from medlora.generation import ChatModel, GenerationSettings, final_text
-from medlora.records import (
+from medlora.data.records import (
     SUPPORTED_SUFFIXES,
     detect_format,
     read_file_records,
     rename_fields,
     to_conversation,
 )
+from medlora.errors import MedLoRAError
+from medlora.inference.generation import ChatModel, GenerationSettings, final_text
 
 
 @dataclass

@@ -6,8 +6,8 @@
 
 from dataclasses import dataclass
 
-from medlora.smollm2 import BUILTIN_SMOLLM2, ensure_smollm2
-from medlora.tiny_model import BUILTIN_TINY_MODEL, ensure_tiny_model
+from medlora.models.smollm2 import BUILTIN_SMOLLM2, ensure_smollm2
+from medlora.models.tiny_model import BUILTIN_TINY_MODEL, ensure_tiny_model
 
 
 @dataclass(frozen=True)

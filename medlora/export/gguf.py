@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from medlora.errors import MedLoRAError
-from medlora.export import rope_parameters, unpermute_rotary
+from medlora.export.merge import rope_parameters, unpermute_rotary
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def write_gguf(path: Path, model, tokenizer, tokenizer_model: Path | None, outty
     """Write the merged model to `path`; returns a summary (tensor count, vocabulary kind, tensor types)."""
     import gguf
 
-    from medlora.gguf_tokenizer import write_tokenizer_metadata
+    from medlora.export.gguf_tokenizer import write_tokenizer_metadata
 
     config = model.config
     check_architecture(config)

@@ -1,11 +1,11 @@
 """Scoring medical multiple-choice questions and held-out perplexity (used by evaluate.py).
 
-Questions and their prompts come from medlora/questions.py.
+Questions and their prompts come from medlora/data/questions.py.
 
 loglik (lm-evaluation-harness multiple-choice style): each option's reply is scored by the sum of the
 log-probabilities of its tokens after the prompt (no EOS).  With lm-eval's names: acc, the option with
 the highest sum is right; acc_norm, the highest sum per character of the reply; acc_bytes, per UTF-8 byte.
-Each comes with its standard error (medlora/eval_report.py).
+Each comes with its standard error (medlora/evaluation/report.py).
 generate (medAlpaca style): a greedy reply, from which `extract_choice` reads the chosen option.
 Perplexity of an SFT file: exp(mean NLL over the reply tokens, encoded exactly as for training).
 """
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from medlora.data.questions import LETTERS, Question, conversation, reply_text
+from medlora.data.tokenization import IGNORE_INDEX, ConversationEncoder
 from medlora.errors import MedLoRAError
-from medlora.eval_report import mean_with_stderr
-from medlora.questions import LETTERS, Question, conversation, reply_text
-from medlora.tokenization import IGNORE_INDEX, ConversationEncoder
+from medlora.evaluation.report import mean_with_stderr
 
 
 # ---- metrics and answer extraction ------------------------------------------------------------------------------

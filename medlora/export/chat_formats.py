@@ -12,8 +12,8 @@ A chat has no alpaca `input` field, so user turns are written with prompt_no_inp
 import json
 import string
 
+from medlora.data.templates import Conversation, PromptTemplate
 from medlora.errors import MedLoRAError
-from medlora.templates import Conversation, PromptTemplate
 
 CHAT_FIELDS = ("system", "system_format", "prompt_no_input", "prompt_next_turn", "assistant_format",
                "assistant_suffix")

@@ -17,9 +17,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from medlora.data.records import field_text, read_file_records, rename_fields
+from medlora.data.templates import Conversation
 from medlora.errors import MedLoRAError
-from medlora.records import field_text, read_file_records, rename_fields
-from medlora.templates import Conversation
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 PUBMEDQA_OPTIONS = ["yes", "no", "maybe"]

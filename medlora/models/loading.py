@@ -6,14 +6,14 @@ from pathlib import Path
 
 import torch
 
-from medlora import distributed
-from medlora.builtin_models import (
+from medlora.errors import MedLoRAError
+from medlora.models.builtin import (
     DEFAULT_BASE_MODEL,
     builtin_model,
     default_template_for,
     is_builtin,
 )
-from medlora.errors import MedLoRAError
+from medlora.training import distributed
 
 logger = logging.getLogger(__name__)
 

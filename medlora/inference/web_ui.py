@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from medlora.errors import MedLoRAError
-from medlora.generation import DISCLAIMER, ChatModel, GenerationSettings
+from medlora.inference.generation import DISCLAIMER, ChatModel, GenerationSettings
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a medical demo should not phone home
 

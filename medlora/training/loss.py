@@ -11,7 +11,7 @@ the model's own output layer at the labelled positions (`logits_to_keep`).
 import torch
 import torch.nn.functional as F
 
-from medlora.tokenization import IGNORE_INDEX
+from medlora.data.tokenization import IGNORE_INDEX
 
 # Architectures whose logits are exactly hidden @ lm_head.weight.T (no scaling, softcapping or bias).
 PLAIN_OUTPUT_LAYER = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from medlora.errors import MedLoRAError
-from medlora.modeling import (
+from medlora.models.loading import (
     fit_embeddings_to_tokenizer,
     load_base_model,
     load_tokenizer,

@@ -23,9 +23,9 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from medlora.api_requests import APIError, parse_chat_request
 from medlora.errors import MedLoRAError
-from medlora.generation import (
+from medlora.inference.api_requests import APIError, parse_chat_request
+from medlora.inference.generation import (
     DISCLAIMER,
     ChatModel,
     GenerationReport,
@@ -78,12 +78,12 @@ class ServedModels:
     @classmethod
     def load(cls, base_model: str = "", adapters: dict | None = None, prompt_template: str = "", **load_kwargs):
         """load_kwargs: ChatModel.load's load_in_8bit, load_in_4bit, device, precision, trust_remote_code."""
-        from medlora.builtin_models import (
+        from medlora.models.builtin import (
             DEFAULT_BASE_MODEL,
             default_template_for,
             is_builtin,
         )
-        from medlora.modeling import InferenceModel
+        from medlora.models.loading import InferenceModel
         from medlora.run_folder import RunFolder
 
         adapters = dict(adapters or {})

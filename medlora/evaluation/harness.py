@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from medlora.errors import MedLoRAError
-from medlora.eval_report import ModelResults, Section
+from medlora.evaluation.report import ModelResults, Section
 
 LM_EVAL_PIN = "lm-eval==0.4.13"
 # The standard medical tasks of lm-eval 0.4.13, by name (each downloads its dataset from the Hugging Face hub).

@@ -8,13 +8,12 @@ Two collators build micro-batches from encoded examples:
                   implementations get transformers' block-diagonal causal mask from the position_ids.
                   Either way attention stays inside each example.
 
-The loss (`LabelOnlyLossTrainer`, with medlora/loss.py) runs the model's output layer only at
+The loss (`LabelOnlyLossTrainer`, with medlora/training/loss.py) runs the model's output layer only at
 positions that carry a label: prompt positions need no logits, which saves most of the output-layer
 work and memory. It is normalised by the number of trained tokens in the whole accumulated (and distributed) batch,
 so that every token weighs the same whatever the micro-batch size, accumulation or world size.
 """
 
-import inspect
 import logging
 import math
 import os
@@ -22,60 +21,12 @@ import os
 import torch
 from transformers import Trainer, TrainerCallback
 
-from medlora import distributed
 from medlora.errors import MedLoRAError
-from medlora.loss import label_only_loss
 from medlora.run_folder import CHECKPOINT_COMPLETE, RunFolder
-from medlora.tokenization import IGNORE_INDEX
+from medlora.training import distributed
+from medlora.training.loss import label_only_loss
 
 logger = logging.getLogger(__name__)
-
-
-class PaddedCollator:
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8):
-        self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def __call__(self, examples: list) -> dict:
-        longest = max(len(ex["input_ids"]) for ex in examples)
-        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, ex in enumerate(examples):
-            length = len(ex["input_ids"])
-            input_ids[row, :length] = torch.tensor(ex["input_ids"])
-            labels[row, 1:length] = torch.tensor(ex["labels"][1:])  # position 0 is never predicted
-            attention_mask[row, :length] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-class PackedCollator:
-    def __call__(self, examples: list) -> dict:
-        input_ids, labels, position_ids, boundaries = [], [], [], [0]
-        for ex in examples:
-            length = len(ex["input_ids"])
-            input_ids += ex["input_ids"]
-            # The first label of each example is dropped: in a packed row it would be "predicted"
-            # from the previous example's last token.
-            labels += [IGNORE_INDEX] + list(ex["labels"][1:])
-            position_ids += range(length)
-            boundaries.append(boundaries[-1] + length)
-        longest = max(len(ex["input_ids"]) for ex in examples)
-        as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
-        return {"input_ids": as_row(input_ids), "labels": as_row(labels), "position_ids": as_row(position_ids),
-                # Record boundaries, for attention implementations that work per record (medlora_packed, flash).
-                "cu_seq_lens_q": torch.tensor(boundaries, dtype=torch.int32),
-                "cu_seq_lens_k": torch.tensor(boundaries, dtype=torch.int32),
-                "max_length_q": longest, "max_length_k": longest}
-
-
-def supports_packing(model) -> bool:
-    """Padding-free batches need a model that takes position_ids and builds its mask through
-    transformers' masking utilities (which detect packed rows from position_ids)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    forward = inspect.signature(base.forward).parameters
-    return "position_ids" in forward and getattr(base, "_supports_attention_backend", False)
 
 
 class LabelOnlyLossTrainer(Trainer):
@@ -137,32 +88,6 @@ def training_loss_change(log_history) -> str:
 
 # ---- arguments every stage's trainer shares -----------------------------------------------------------------
 NON_REENTRANT_CHECKPOINTING = {"use_reentrant": False}  # reentrant checkpointing loses LoRA gradients
-
-
-POSITIVE_FLAGS = ("batch_size", "micro_batch_size", "cutoff_len", "learning_rate", "lora_r", "lora_alpha", "block_size",
-                  "logging_steps", "eval_steps", "save_steps", "save_total_limit", "max_prompt_length",
-                  "max_completion_length", "max_reply_chars", "max_new_tokens")
-NON_NEGATIVE_FLAGS = ("warmup_steps", "neftune_noise_alpha", "simpo_gamma", "eval_prompts", "beta")
-UNIT_INTERVAL_FLAGS = ("lora_dropout", "warmup_ratio")  # in [0, 1)
-
-
-def check_numeric_flags(flags: dict) -> None:
-    """Refuse, before any work, a numeric flag outside its range: positive counts and rates, a run that
-    has steps, a validation size that is a count or a fraction. flags is a stage's settings; names this
-    does not know, and flags not given (None), are not checked."""
-    for name, value in flags.items():
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if name in POSITIVE_FLAGS and not value > 0:
-            raise MedLoRAError(f"--{name} must be > 0; got {value}")
-        if name == "val_set_size" and value < 0:
-            raise MedLoRAError(f"--val_set_size must be >= 0 (a count, or a fraction below 1); got {value}")
-        if name in UNIT_INTERVAL_FLAGS and not 0 <= value < 1:
-            raise MedLoRAError(f"--{name} must be in [0, 1); got {value}")
-        if name in NON_NEGATIVE_FLAGS and value < 0:
-            raise MedLoRAError(f"--{name} must be >= 0; got {value}")
-    if flags.get("num_epochs") is not None and (flags.get("max_steps") or -1) <= 0 and not flags["num_epochs"] > 0:
-        raise MedLoRAError(f"--num_epochs must be > 0 unless --max_steps is; got {flags['num_epochs']}")
 
 
 def gradient_accumulation_steps_for(batch_size: int, micro_batch_size: int) -> int:
@@ -260,13 +185,3 @@ def resolve_resume_checkpoint(resume_from_checkpoint, output_dir):
     return RunFolder(output_dir).resume_checkpoint(resume_from_checkpoint)
 
 
-def split_validation(items: list, val_set_size: float, seed: int, what: str = "records") -> tuple:
-    """(train, validation), shuffled with seed; val_set_size is a count, or a fraction when below 1."""
-    import random
-
-    items = list(items)
-    random.Random(seed).shuffle(items)
-    val_count = int(val_set_size * len(items)) if 0 < val_set_size < 1 else int(val_set_size)
-    if val_count >= len(items):
-        raise MedLoRAError(f"--val_set_size {val_set_size} leaves no training {what} out of {len(items)}")
-    return items[val_count:], items[:val_count]

@@ -16,8 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medlora.data.templates import Conversation
 from medlora.errors import MedLoRAError
-from medlora.templates import Conversation
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -86,7 +86,7 @@ def parse_field_map(field_map, known_fields=CONVERSATION_FIELDS) -> dict:
 def load_conversations(data_path, field_map=None, skip_bad_records=False, split_dialogues=False) -> LoadedData:
     """Read and validate every record of a file, a folder of files or a hub dataset; alpaca records that pack a
     whole dialogue into one field are counted, and with split_dialogues turned into real turns."""
-    from medlora.dialogues import find_packed_dialogue, split_packed_dialogue
+    from medlora.data.dialogues import find_packed_dialogue, split_packed_dialogue
 
     loaded = LoadedData([], split_dialogues=split_dialogues)
 
