@@ -142,13 +142,13 @@ class HeldFirstAnswer:
         self.hook = chat.model.get_input_embeddings().register_forward_pre_hook(self.before_forward)
         stream = chat.stream
 
-        def observed_stream(messages, system=None, settings=None, cancel=None):
+        def observed_stream(messages, system=None, settings=None, cancel=None, passages=None):
             self.conversations.append(messages)
             self.cancels.append(cancel)
             self.streamed.append(streamed := [])
             text = ""
             try:
-                for text in stream(messages, system, settings, cancel):
+                for text in stream(messages, system, settings, cancel, passages):
                     streamed.append((text, cancel is not None and cancel.is_set()))
                     yield text
             finally:
