@@ -1,0 +1,139 @@
+"""Grounded answers on the built-in tiny model: the knowledge block in the prompt (the same as in
+training records), fitting it into a small context without ever cutting the question, and the
+sources chat.py and generate.py's batch mode show."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from medlora.errors import MedLoRAError
+from medlora.generation import ChatModel, GenerationSettings
+from medlora.knowledge import SHORTENED_MARK, Passage, knowledge_block, source_lines
+from medlora.records import load_conversations
+from medlora.retrieval import KnowledgeBase
+from medlora.templates import Conversation
+from medlora.tokenization import ConversationEncoder
+from tests.conftest import ROOT, TINY, run_script
+
+DISEASES_CSV = ROOT / "data" / "knowledge" / "diseases.csv"
+QUESTION = "It burns when I pee and I need to go all the time, only a little comes out."
+GREEDY = GenerationSettings(temperature=0, repetition_penalty=3.0, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def base_inference(tiny_model_path):
+    from medlora.modeling import load_for_inference
+
+    return load_for_inference(TINY)
+
+
+@pytest.fixture(scope="module")
+def knowledge():
+    return KnowledgeBase.load(DISEASES_CSV)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def test_the_block_goes_into_the_prompt_as_in_training(base_inference, tmp_path):
+    chat = ChatModel(base_inference)
+    passages = [Passage("Gout attacks the big toe.", "gout", "t.csv: record 1"), Passage("Rest the foot.")]
+    prepared = chat.prompt_for([user("Why does my toe hurt?")], passages=passages)
+    assert prepared.sources == passages
+    spec = chat.template.spec
+    assert prepared.text == spec["prompt_input"].format(system=spec["system_format"].format(system=chat.template.system),
+                                                        instruction="Why does my toe hurt?",
+                                                        input=knowledge_block(passages))
+    # a training record with the same passages as `context` starts with exactly these prompt ids
+    record = {"instruction": "Why does my toe hurt?", "output": "It may be gout [1].",
+              "context": [{"text": "Gout attacks the big toe.", "title": "gout"}, "Rest the foot."]}
+    (tmp_path / "grounded.jsonl").write_text(json.dumps(record) + "\n", encoding="utf-8")
+    conversation = load_conversations(tmp_path / "grounded.jsonl").conversations[0]
+    encoder = ConversationEncoder(chat.tokenizer, chat.template)
+    trained = encoder.encode([conversation]).examples[0]
+    assert trained.input_ids[:len(prepared.input_ids)] == prepared.input_ids
+    assert all(label == -100 for label in trained.labels[:len(prepared.input_ids)])  # the block is not trained
+    # a later turn gets the block after its question
+    later = chat.prompt_for([user("Hi"), {"role": "assistant", "content": "Hello."}, user("Toe?")], passages=passages)
+    assert later.text.endswith("### Instruction:\nToe?\n\n" + knowledge_block(passages) + "\n\n### Response:\n")
+
+
+def test_passages_are_cut_and_the_question_never(base_inference, knowledge):
+    passages = knowledge.search(QUESTION, top_k=3)
+    assert len(passages) == 3
+    measure = ChatModel(base_inference, max_context=100_000)
+    full_length = len(measure.prompt_for([user(QUESTION)], passages=passages).input_ids)
+    bare_length = len(measure.prompt_for([user(QUESTION)]).input_ids)
+    context = full_length + 10
+    chat = ChatModel(base_inference, max_context=context)
+    assert chat.prompt_for([user(QUESTION)], max_new_tokens=10, passages=passages).sources == passages
+    reserve = 10 + (full_length - bare_length) // 2  # room for about half of the passages' tokens
+    prepared = chat.prompt_for([user(QUESTION)], max_new_tokens=reserve, passages=passages)
+    assert len(prepared.input_ids) + reserve <= context and QUESTION in prepared.text
+    assert 1 <= len(prepared.sources) < 3 or prepared.sources[-1].text.endswith(SHORTENED_MARK)
+    whole, last = prepared.sources[:-1], prepared.sources[-1]
+    assert whole == passages[:len(whole)]  # the best ones kept whole, in order
+    original = passages[len(whole)].text
+    assert last.text.endswith(SHORTENED_MARK) and original.startswith(last.text[:-len(SHORTENED_MARK)])
+    assert prepared.text.endswith(knowledge_block(prepared.sources) + "\n\n### Response:\n")
+    # the cut is the longest that fits (shortened() may step back to a space, by at most a fifth)
+    kept_chars = len(last.text) - len(SHORTENED_MARK)
+    longer = replace(passages[len(whole)], text=original[:int(1.25 * kept_chars) + 2] + SHORTENED_MARK)
+    assert len(measure.prompt_for([user(QUESTION)], passages=whole + [longer]).input_ids) + reserve > context
+
+    # older exchanges go before passages
+    history = [user("My knee hurts after running."), {"role": "assistant", "content": "Rest it and use ice."}]
+    with_history = chat.prompt_for(history + [user(QUESTION)], max_new_tokens=reserve, passages=passages)
+    assert with_history.dropped_exchanges == 1 and with_history.sources == prepared.sources
+
+    # no room even for a shortened passage: the bare question; no room for the question: an error
+    tight = chat.prompt_for([user(QUESTION)], max_new_tokens=context - bare_length, passages=passages)
+    assert tight.sources == [] and tight.input_ids == measure.prompt_for([user(QUESTION)]).input_ids
+    with pytest.raises(MedLoRAError, match="the message is too long"):
+        chat.prompt_for([user(QUESTION)], max_new_tokens=context - bare_length + 1, passages=passages)
+
+
+# chat.py and generate.py are called in this process (their main functions, as `fire` calls them):
+# a subprocess would spend most of its time importing torch again.
+def test_chat_cli_prints_the_cited_sources(base_inference, knowledge, capsys):
+    import chat
+
+    chat.main(base_model=TINY, knowledge_path=str(DISEASES_CSV), prompt=QUESTION, temperature=0,
+              repetition_penalty=3.0, max_new_tokens=12)
+    output = capsys.readouterr()
+    passages = knowledge.search(QUESTION)
+    expected = ChatModel(base_inference).answer([user(QUESTION)], settings=GREEDY, passages=passages)
+    answer, sources = output.out.split("\nsources:\n")
+    assert answer.strip() == expected
+    assert sources.splitlines() == [f"  {line}" for line in source_lines(passages)]
+    assert "a urinary tract infection (UTI) (diseases.csv: record 7)" in sources
+    assert "knowledge: 40 passages from" in output.err
+
+
+def test_batch_predictions_carry_their_sources(base_inference, knowledge, tmp_path):
+    import generate
+
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"instruction": QUESTION}) + "\n" + json.dumps({"instruction": "xyzzy?"}) + "\n",
+                         encoding="utf-8")
+    predictions = tmp_path / "predictions.jsonl"
+    generate.main(base_model=TINY, knowledge_path=str(DISEASES_CSV), knowledge_top_k=2, data_file=str(questions),
+                  predictions_file=str(predictions), temperature=0, repetition_penalty=3.0, max_new_tokens=12)
+    first, second = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
+    passages = knowledge.search(QUESTION, top_k=2)
+    assert first["sources"] == [p.to_dict() for p in passages] and len(passages) == 2
+    assert knowledge_block(passages) in first["prompt"]
+    assert first["prediction"] == ChatModel(base_inference).answer([user(QUESTION)], settings=GREEDY,
+                                                                   passages=passages)
+    assert second["sources"] == [] and "Sources:" not in second["prompt"]  # nothing matched: a plain prompt
+
+
+def test_bad_knowledge_flags_stop_before_the_model_loads(tmp_path):
+    bad = tmp_path / "kb.jsonl"
+    bad.write_text('{"text": "ok"}\n{"title": "no text"}\n', encoding="utf-8")
+    result = run_script("chat.py", "--base_model", "builtin:no-such-model", "--knowledge_path", bad, "--prompt", "hi",
+                        check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {bad}: record 2: field 'text': missing"
