@@ -135,7 +135,7 @@ def test_prompt_block_and_sources_lines():
 
 
 def test_training_records_with_context_get_the_same_block(tmp_path):
-    data = write(tmp_path / "grounded.jsonl", "\n".join(json.dumps(r) for r in [
+    write(tmp_path / "grounded.jsonl", "\n".join(json.dumps(r) for r in [
         {"instruction": "Why does my toe hurt?", "context": "Gout attacks the big toe.", "output": "It may be gout [1]."},
         {"instruction": "Q", "input": "age 40", "knowledge": [{"text": "A", "title": "T"}, "B"], "output": "See [1]."},
     ]) + "\n")

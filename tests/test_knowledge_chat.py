@@ -12,7 +12,6 @@ from medlora.generation import ChatModel, GenerationSettings
 from medlora.knowledge import SHORTENED_MARK, Passage, knowledge_block, source_lines
 from medlora.records import load_conversations
 from medlora.retrieval import KnowledgeBase
-from medlora.templates import Conversation
 from medlora.tokenization import ConversationEncoder
 from tests.conftest import ROOT, TINY, run_script
 
