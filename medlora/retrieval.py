@@ -5,9 +5,10 @@
 
 Ranking is bm25s (BM25, Lucene variant, k1 1.5, b 0.75) over words made by `tokenize`: Chinese runs
 segmented by jieba (search mode, so that 流鼻涕 also yields 鼻涕), other words lower-cased and
-Snowball-stemmed (PyStemmer), English and Chinese stop words left out. The index is built once and
-kept under $MEDLORA_CACHE/knowledge/<key>, the key being a hash of every file's name and content and
-of INDEX_VERSION: a changed file gets a new index, an unchanged one is loaded in milliseconds.
+Snowball-stemmed (PyStemmer), stop words left out (bm25s's STOPWORDS_EN_PLUS, 179 English words,
+and STOPWORDS_CHINESE). The index is built once and kept under $MEDLORA_CACHE/knowledge/<key>, the
+key being a hash of every file's name and content and of INDEX_VERSION: a changed file gets a new
+index; an unchanged one is loaded from the cache (0.5 s for 10,000 passages, docs/retrieval.md).
 """
 
 import json
@@ -28,7 +29,7 @@ from medlora.knowledge import (
 from medlora.paths import build_once, cache_root
 
 # Part of the cache key: bump it whenever tokenize() or the passage reading changes.
-INDEX_VERSION = f"1;passage {PASSAGE_CHARS}/{OVERLAP_CHARS}"
+INDEX_VERSION = f"2;passage {PASSAGE_CHARS}/{OVERLAP_CHARS}"
 CJK_OR_WORD = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+)|([a-z0-9\u00c0-\u024f]+)")
 DEFAULT_TOP_K = 3
 PASSAGES_FILE = "passages.jsonl"
@@ -44,10 +45,10 @@ def tokenize(text: str) -> list:
     if _stemmer is None:
         import jieba
         import Stemmer
-        from bm25s.stopwords import STOPWORDS_CHINESE, STOPWORDS_EN
+        from bm25s.stopwords import STOPWORDS_CHINESE, STOPWORDS_EN_PLUS
 
         jieba.setLogLevel(logging.WARNING)  # it logs its dictionary loading on first use
-        _stemmer, _stopwords = Stemmer.Stemmer("english"), set(STOPWORDS_EN) | set(STOPWORDS_CHINESE)
+        _stemmer, _stopwords = Stemmer.Stemmer("english"), set(STOPWORDS_EN_PLUS) | set(STOPWORDS_CHINESE)
     import jieba
 
     words = []
