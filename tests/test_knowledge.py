@@ -155,9 +155,26 @@ def test_training_records_with_context_get_the_same_block(tmp_path):
 
 
 # ---- our own data ------------------------------------------------------------------------------------------
-def test_committed_disease_table_is_what_the_script_writes(tmp_path):
-    run_script("scripts/make_knowledge_table.py", "--output", tmp_path / "diseases.csv")
-    assert (tmp_path / "diseases.csv").read_bytes() == DISEASES_CSV.read_bytes()
+def test_committed_knowledge_files_are_what_the_script_writes(tmp_path):
+    run_script("scripts/make_knowledge_table.py", "--output_dir", tmp_path)
+    for name in ("diseases.csv", "grounded_qa.jsonl"):
+        assert (tmp_path / name).read_bytes() == (DISEASES_CSV.parent / name).read_bytes(), name
+
+
+def test_grounded_records_carry_the_knowledge_bases_own_passages():
+    """So that fine-tuning sees exactly the block that chat with --knowledge_path shows."""
+    by_title = {p.title: p.text for p in KnowledgeBase.load(DISEASES_CSV).passages}
+    records = [json.loads(line) for line in (DISEASES_CSV.parent / "grounded_qa.jsonl").read_text().splitlines()]
+    assert len(records) == 40 and all(by_title[c["title"]] == c["text"] for r in records for c in r["context"])
+    for record in records:
+        cited = re.findall(r"source \[(\d)\]", record["output"])
+        titles = [c["title"] for c in record["context"]]
+        if cited:  # the cited source is the disease whose symptoms the question lists
+            disease = titles[int(cited[0]) - 1]
+            assert record["instruction"].startswith("I have ") and disease in record["output"]
+        else:
+            assert "do not cover" in record["output"]
+    assert sum("do not cover" in r["output"] for r in records) == 8
 
 
 def test_questions_are_not_copied_from_the_table():
