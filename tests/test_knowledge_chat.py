@@ -13,10 +13,10 @@ from medlora.knowledge import SHORTENED_MARK, Passage, knowledge_block, source_l
 from medlora.records import load_conversations
 from medlora.retrieval import KnowledgeBase
 from medlora.tokenization import ConversationEncoder
-from tests.conftest import ROOT, TINY, run_script
+from tests.conftest import ROOT, TINY
 
 DISEASES_CSV = ROOT / "data" / "knowledge" / "diseases.csv"
-QUESTION = "It burns when I pee and I need to go all the time, only a little comes out."
+QUESTION = "It burns when I urinate and I need to go very often. What could it be?"  # docs/retrieval.md's
 GREEDY = GenerationSettings(temperature=0, repetition_penalty=3.0, max_new_tokens=12)
 
 
@@ -107,7 +107,7 @@ def test_chat_cli_prints_the_cited_sources(base_inference, knowledge, capsys):
     answer, sources = output.out.split("\nsources:\n")
     assert answer.strip() == expected
     assert sources.splitlines() == [f"  {line}" for line in source_lines(passages)]
-    assert "a urinary tract infection (UTI) (diseases.csv: record 7)" in sources
+    assert sources.splitlines()[0] == "  [1] a urinary tract infection (UTI) (diseases.csv: record 7)"
     assert "knowledge: 40 passages from" in output.err
 
 
@@ -129,13 +129,19 @@ def test_batch_predictions_carry_their_sources(base_inference, knowledge, tmp_pa
     assert second["sources"] == [] and "Sources:" not in second["prompt"]  # nothing matched: a plain prompt
 
 
-def test_bad_knowledge_flags_stop_before_the_model_loads(tmp_path):
+def test_a_bad_knowledge_file_stops_chat_and_generate_before_the_model_loads(tmp_path):
+    import chat
+    import generate
+
     bad = tmp_path / "kb.jsonl"
     bad.write_text('{"text": "ok"}\n{"title": "no text"}\n', encoding="utf-8")
-    result = run_script("chat.py", "--base_model", "builtin:no-such-model", "--knowledge_path", bad, "--prompt", "hi",
-                        check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"error: {bad}: record 2: field 'text': missing"
+    # an unknown model would be the error if the model loaded first
+    for main, flags in ((chat.main, {"prompt": "hi"}), (generate.main, {})):
+        with pytest.raises(MedLoRAError) as error:
+            main(base_model="builtin:no-such-model", knowledge_path=str(bad), **flags)
+        assert str(error.value) == f"{bad}: record 2: field 'text': missing"
+    with pytest.raises(MedLoRAError, match="--knowledge_top_k 0: must be a whole number >= 1"):
+        chat.main(base_model="builtin:no-such-model", knowledge_path=str(bad), knowledge_top_k=0)
 
 
 def test_finetune_trains_on_grounded_records(tmp_path, tiny_model_path):
