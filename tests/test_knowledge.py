@@ -17,7 +17,7 @@ from medlora.knowledge import (
 )
 from medlora.records import load_conversations
 from medlora.retrieval import KnowledgeBase, load_knowledge, tokenize
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, run_script, shared_dataset
 
 DISEASES_CSV = ROOT / "data" / "knowledge" / "diseases.csv"
 QUESTIONS = ROOT / "data" / "knowledge" / "symptom_questions.jsonl"
@@ -200,3 +200,12 @@ def test_recall_of_the_right_disease():
     assert at_1 >= MIN_RECALL_AT_1 and at_3 >= MIN_RECALL_AT_3
     chinese = [(titles, q) for titles, q in zip(ranked, questions) if re.search(r"[\u4e00-\u9fff]", q["question"])]
     assert len(chinese) == 10 and sum(q["disease"] in titles for titles, q in chinese) >= 9
+
+
+def test_benchmark_script_runs_on_a_small_corpus():
+    shared_dataset("chatdoctor/disease_database.csv")
+    result = run_script("scripts/benchmark_retrieval.py", "--passages", 1500, "--other_questions", 10)
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("passages: 1,500; index build ")
+    assert [line.split(" | ")[1] for line in lines if line.startswith("| ") and "ms" not in line] == ["50", "10", "10"]
+    assert lines[-1].startswith("recall of the right disease of our table among all 1,500 passages: recall@1 ")

@@ -108,6 +108,8 @@ def test_chat_cli_prints_the_cited_sources(base_inference, knowledge, capsys):
     assert answer.strip() == expected
     assert sources.splitlines() == [f"  {line}" for line in source_lines(passages)]
     assert sources.splitlines()[0] == "  [1] a urinary tract infection (UTI) (diseases.csv: record 7)"
+    docs = (ROOT / "docs" / "retrieval.md").read_text(encoding="utf-8")
+    assert f'--prompt "{QUESTION}"' in docs and f"```\nsources:\n{sources}```" in docs  # what the docs show
     assert "knowledge: 40 passages from" in output.err
 
 
