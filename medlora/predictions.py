@@ -84,8 +84,10 @@ def write_predictions(chat: ChatModel, records: list, predictions_file, settings
     from tqdm import tqdm
 
     started = time.time()
+    from medlora.retrieval import search_text
+
     prompts = [chat.prompt_for(r.messages, r.system, settings.max_new_tokens, r.source,
-                               passages=knowledge.search(r.messages[-1]["content"]) if knowledge else None)
+                               passages=knowledge.search(search_text(r.messages[-1])) if knowledge else None)
                for r in records]
     target = Path(str(predictions_file)).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)

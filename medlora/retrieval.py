@@ -117,6 +117,12 @@ class KnowledgeBase:
                 for index, score in zip(documents[0], scores[0]) if score > 0]
 
 
+def search_text(message: dict) -> str:
+    """What a user message is searched by: its text and its `input` (alpaca records often carry the
+    patient's question there, under a fixed instruction)."""
+    return "\n".join(part for part in (message.get("content", ""), message.get("input", "")) if part)
+
+
 def load_knowledge(knowledge_path: str, top_k: int) -> "KnowledgeBase | None":
     """The scripts' --knowledge_path/--knowledge_top_k: the loaded base (None without a path)."""
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:

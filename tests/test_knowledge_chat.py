@@ -117,18 +117,23 @@ def test_batch_predictions_carry_their_sources(base_inference, knowledge, tmp_pa
     import generate
 
     questions = tmp_path / "questions.jsonl"
-    questions.write_text(json.dumps({"instruction": QUESTION}) + "\n" + json.dumps({"instruction": "xyzzy?"}) + "\n",
-                         encoding="utf-8")
+    doctor = "If you are a doctor, please answer the medical questions based on the patient's description."
+    questions.write_text("".join(json.dumps(r) + "\n" for r in [  # the third as in ChatDoctor's data
+        {"instruction": QUESTION}, {"instruction": "xyzzy?"}, {"instruction": doctor, "input": QUESTION}]),
+        encoding="utf-8")
     predictions = tmp_path / "predictions.jsonl"
     generate.main(base_model=TINY, knowledge_path=str(DISEASES_CSV), knowledge_top_k=2, data_file=str(questions),
                   predictions_file=str(predictions), temperature=0, repetition_penalty=3.0, max_new_tokens=12)
-    first, second = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
+    first, second, third = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
     passages = knowledge.search(QUESTION, top_k=2)
     assert first["sources"] == [p.to_dict() for p in passages] and len(passages) == 2
     assert knowledge_block(passages) in first["prompt"]
     assert first["prediction"] == ChatModel(base_inference).answer([user(QUESTION)], settings=GREEDY,
                                                                    passages=passages)
     assert second["sources"] == [] and "Sources:" not in second["prompt"]  # nothing matched: a plain prompt
+    # a record's input is searched with its instruction
+    assert third["sources"] == [p.to_dict() for p in knowledge.search(f"{doctor}\n{QUESTION}", top_k=2)]
+    assert third["sources"][0]["title"] == "a urinary tract infection (UTI)"
 
 
 def test_a_bad_knowledge_file_stops_chat_and_generate_before_the_model_loads(tmp_path):
