@@ -24,6 +24,7 @@ FALLBACK_QUESTIONS = [
     "How can I lower my blood pressure without medication?",
     "When should I see a doctor about a headache?",
 ]
+SOURCE_EXCERPT_CHARS = 240  # of each source's text in the page's Sources note
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "monospace"]
 
@@ -93,9 +94,18 @@ def sources_message(passages: list) -> dict:
     """The collapsed "Sources" note shown under an answer (the same list chat.py prints)."""
     from medlora.knowledge import source_lines
 
-    lines = source_lines(passages) or ["No passage of the knowledge base matched the question."]
-    return {"role": "assistant", "content": "\n".join(f"- {escape_markdown(line)}" for line in lines),
+    if not passages:
+        content = "No passage of the knowledge base matched the question."
+    else:  # each source's name, then the start of its text, so that the answer can be checked against it
+        content = "\n\n".join(f"**{escape_markdown(line)}**  \n{escape_markdown(excerpt(p.text))}"
+                                for line, p in zip(source_lines(passages), passages))
+    return {"role": "assistant", "content": content,
             "metadata": {"title": f"Sources ({len(passages)})", "status": "done"}}
+
+
+def excerpt(text: str, chars: int = SOURCE_EXCERPT_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= chars else text[:chars].rsplit(" ", 1)[0] + " …"
 
 
 def escape_markdown(text: str) -> str:

@@ -306,6 +306,7 @@ def test_a_full_queue_tells_the_user_the_app_is_busy(chat_model):
 def test_sources_are_shown_under_each_answer_and_kept_out_of_the_conversation(chat_model):
     from medlora.knowledge import source_lines
     from medlora.retrieval import KnowledgeBase
+    from medlora.web_ui import excerpt
 
     sync_playwright = browser_or_skip()
     knowledge = KnowledgeBase.load(ROOT / "data" / "knowledge" / "diseases.csv")
@@ -340,6 +341,9 @@ def test_sources_are_shown_under_each_answer_and_kept_out_of_the_conversation(ch
                                    timeout=30_000)
             shown = page.inner_text("#chatbot")
             assert all(line in shown for line in source_lines(passages))
+            # each source's text begins under its name
+            assert all(" ".join(words(excerpt(p.text))) in " ".join(words(shown)) for p in passages)
+            assert all(len(excerpt(p.text)) <= 242 and excerpt(p.text).endswith(" …") for p in passages)
             assert "urinary tract infection" in source_lines(passages)[0] + source_lines(passages)[1]
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(SCREENSHOT.with_name("web_ui_sources.png")), full_page=True)
