@@ -3,13 +3,16 @@
     python chat.py --lora_weights ./lora-medlora
     python chat.py --lora_weights ./lora-medlora --prompt "What can I do about a tension headache?"   # one answer
     python chat.py --lora_weights ./lora-medlora --prompt "..." --compare --temperature 0   # base vs tuned answer
+    python chat.py --knowledge_path data/knowledge/diseases.csv    # answers grounded in a disease table, sources listed
     python chat.py --base_model meta-llama/Llama-3.1-8B --lora_weights ./lora-chatdoctor --load_in_4bit
     python chat.py --help                                          # every flag
 
 Commands: /reset clears the conversation, /system <text> sets the system prompt (/system alone
 restores the template's), /exit or Ctrl-D quits. Ctrl-C stops an answer and keeps the session;
 Ctrl-C at the prompt quits. The oldest turns are dropped when the conversation outgrows the
-model's context. Model flags are generate.py's. Answers are not medical advice.
+model's context. Model flags are generate.py's. With --knowledge_path every question is first
+searched in the knowledge base (docs/retrieval.md); the best passages go into the prompt and a
+`sources:` list follows the answer. Answers are not medical advice.
 """
 
 import contextlib
@@ -44,12 +47,18 @@ def main(
     system: str | None = None,  # system prompt; default: the template's
     prompt: str = "",  # answer this one question, print the answer and exit
     compare: bool = False,  # with --prompt: answer with the base model (adapter disabled), then with the adapter
+    # knowledge
+    knowledge_path: str = "",  # a .csv/.jsonl/.json/.txt/.md file or a folder of them to answer from (docs/retrieval.md)
+    knowledge_top_k: int = 3,  # passages put into the prompt for each question
 ):
     """Chat with BASE_MODEL + LORA_WEIGHTS in the terminal (or answer --prompt once)."""
     settings = GenerationSettings(temperature, top_p, top_k, num_beams, max_new_tokens, repetition_penalty).validate()
     if system is not None:
         system = str(system)
     from medlora.inference.generation import ChatModel
+    from medlora.inference.retrieval import load_knowledge
+
+    knowledge = load_knowledge(knowledge_path, knowledge_top_k)  # None without --knowledge_path
 
     # In one-shot mode stdout carries only the answer; everything else goes to stderr.
     notes = sys.stderr if prompt else sys.stdout
@@ -57,6 +66,8 @@ def main(
     chat = ChatModel.load(base_model, lora_weights, load_in_8bit, load_in_4bit, prompt_template_name, device, precision,
                           trust_remote_code)
     print(f"model: {chat.describe()}", file=sys.stderr, flush=True)
+    if knowledge:
+        print(f"knowledge: {knowledge.describe()}", file=sys.stderr, flush=True)
 
     if compare:
         if not (prompt and lora_weights):
@@ -66,19 +77,19 @@ def main(
         for label, disabled in (("base model (adapter disabled)", True), ("tuned model", False)):
             print(f"--- {label} ---", flush=True)
             with chat.model.disable_adapter() if disabled else contextlib.nullcontext():
-                stream_answer(chat, messages, system, settings, "")
+                stream_answer(chat, messages, system, settings, "", knowledge)
             print(flush=True)
         return None
     if prompt:
-        answer, _ = stream_answer(chat, [{"role": "user", "content": str(prompt)}], system, settings, "")
+        answer, _ = stream_answer(chat, [{"role": "user", "content": str(prompt)}], system, settings, "", knowledge)
         if not answer:
             print("(the model gave an empty answer)", file=sys.stderr)
         return None
-    chat_loop(chat, system, settings)
+    chat_loop(chat, system, settings, knowledge)
     return None
 
 
-def chat_loop(chat, system, settings) -> None:
+def chat_loop(chat, system, settings, knowledge) -> None:
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -109,7 +120,7 @@ def chat_loop(chat, system, settings) -> None:
             continue
         messages.append({"role": "user", "content": text})
         try:
-            answer, dropped = stream_answer(chat, messages, system, settings, ASSISTANT_PREFIX)
+            answer, dropped = stream_answer(chat, messages, system, settings, ASSISTANT_PREFIX, knowledge)
         except MedLoRAError as error:
             print(f"error: {error}", file=sys.stderr, flush=True)
             messages.pop()
@@ -121,9 +132,11 @@ def chat_loop(chat, system, settings) -> None:
             messages.pop()  # stopped before any text: forget the question too
 
 
-def stream_answer(chat, messages, system, settings, prefix) -> tuple:
-    """Print the answer as it grows; Ctrl-C stops it. Returns (answer so far, exchanges dropped)."""
-    prepared = chat.prompt_for(messages, system, settings.max_new_tokens)
+def stream_answer(chat, messages, system, settings, prefix, knowledge) -> tuple:
+    """Print the answer as it grows (and its sources, with --knowledge_path); Ctrl-C stops it.
+    Returns (answer so far, exchanges dropped)."""
+    passages = knowledge.search(messages[-1]["content"]) if knowledge else None
+    prepared = chat.prompt_for(messages, system, settings.max_new_tokens, passages=passages)
     if prepared.dropped_exchanges:
         print(f"(the {prepared.dropped_exchanges} oldest exchanges no longer fit the context and are left out)",
               file=sys.stderr, flush=True)
@@ -136,6 +149,11 @@ def stream_answer(chat, messages, system, settings, prefix) -> tuple:
     except KeyboardInterrupt:
         print(" [stopped]", end="")
     print(flush=True)
+    if passages is not None:
+        from medlora.data.knowledge import source_lines
+
+        lines = source_lines(prepared.sources) or ["(no passage of the knowledge base matched the question)"]
+        print("sources:\n" + "\n".join(f"  {line}" for line in lines), flush=True)
     return shown, prepared.dropped_exchanges
 
 

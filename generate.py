@@ -4,11 +4,15 @@
     python generate.py --base_model meta-llama/Llama-3.1-8B --lora_weights ./lora-chatdoctor --load_in_4bit
     python generate.py --lora_weights ./lora-medlora --auth "doctor:s3cret" --server_name 0.0.0.0
     python generate.py --lora_weights ./lora-medlora --data_file questions.jsonl --predictions_file answers.jsonl
+    python generate.py --knowledge_path data/knowledge/diseases.csv   # answers grounded in a disease table
     python generate.py --help                                     # every flag
 
 The base model defaults to the one the adapter was trained on, and the prompt template to the one
 it was trained with (medlora_run.json beside the adapter). The page binds 127.0.0.1 and is not
-shared unless asked. Answers are not medical advice. Flags keep alpaca-lora's names.
+shared unless asked. With --knowledge_path each question is first searched in the knowledge base
+(docs/retrieval.md): the page shows a collapsible "Sources" list under each answer, and batch mode
+writes a `sources` list into each prediction. Answers are not medical advice. Flags keep
+alpaca-lora's names.
 """
 
 import sys
@@ -49,6 +53,9 @@ def main(
     # batch mode
     data_file: str = "",  # answer every record of this file instead of starting the page
     predictions_file: str = "",  # JSON Lines output of batch mode
+    # knowledge
+    knowledge_path: str = "",  # a .csv/.jsonl/.json/.txt/.md file or a folder of them to answer from (docs/retrieval.md)
+    knowledge_top_k: int = 3,  # passages put into the prompt for each question
 ):
     """Serve a chat page for BASE_MODEL + LORA_WEIGHTS, or answer DATA_FILE into PREDICTIONS_FILE."""
     batch = bool(data_file or predictions_file)
@@ -74,18 +81,24 @@ def main(
         if not (isinstance(server_port, int) and 0 < server_port < 65536):
             raise MedLoRAError(f"--server_port {server_port!r}: must be a port number (1-65535)")
 
+    from medlora.inference.retrieval import load_knowledge
+
+    knowledge = load_knowledge(knowledge_path, knowledge_top_k)  # None without --knowledge_path
+
     # ---- model ----------------------------------------------------------------------------------------------
     from medlora.inference.generation import ChatModel
 
     chat = ChatModel.load(base_model, lora_weights, load_in_8bit, load_in_4bit, prompt_template_name, device, precision,
                           trust_remote_code)
     print(f"model: {chat.describe()}", file=sys.stderr, flush=True)
+    if knowledge:
+        print(f"knowledge: {knowledge.describe()}", file=sys.stderr, flush=True)
 
     # ---- batch mode -----------------------------------------------------------------------------------------
     if batch:
         from medlora.inference.predictions import write_predictions
 
-        summary = write_predictions(chat, records, predictions_file, settings)
+        summary = write_predictions(chat, records, predictions_file, settings, knowledge)
         print(f"wrote {summary['records']} predictions to {predictions_file} in {summary['seconds']:.1f}s "
               f"({settings.mode}, max_new_tokens {settings.max_new_tokens}); "
               f"{summary['trimmed']} prompts had their oldest turns dropped to fit the context", file=sys.stderr)
@@ -101,7 +114,7 @@ def main(
         print("warning: --share without --auth: anyone with the link can use the model", file=sys.stderr)
     print(DISCLAIMER, file=sys.stderr, flush=True)
     started = time.time()
-    demo = build_demo(chat, settings, max_input_chars, concurrency_limit)
+    demo = build_demo(chat, settings, max_input_chars, concurrency_limit, knowledge=knowledge)
     launch(demo, server_name, server_port, share, credentials, max_queue_size, concurrency_limit)
     print(f"server stopped after {time.time() - started:.0f}s", file=sys.stderr)
     return None

@@ -143,13 +143,13 @@ class HeldFirstAnswer:
         self.hook = chat.model.get_input_embeddings().register_forward_pre_hook(self.before_forward)
         stream = chat.stream
 
-        def observed_stream(messages, system=None, settings=None, cancel=None):
+        def observed_stream(messages, system=None, settings=None, cancel=None, passages=None):
             self.conversations.append(messages)
             self.cancels.append(cancel)
             self.streamed.append(streamed := [])
             text = ""
             try:
-                for text in stream(messages, system, settings, cancel):
+                for text in stream(messages, system, settings, cancel, passages):
                     streamed.append((text, cancel is not None and cancel.is_set()))
                     yield text
             finally:
@@ -178,11 +178,11 @@ class HeldFirstAnswer:
 
 
 @contextlib.contextmanager
-def served_in_process(chat: ChatModel, max_queue_size: int = 16):
+def served_in_process(chat: ChatModel, max_queue_size: int = 16, knowledge=None):
     from medlora.inference.web_ui import build_demo, launch
     from tests.test_generation import free_port
 
-    demo = build_demo(chat, SETTINGS, max_input_chars=MAX_INPUT_CHARS, concurrency_limit=1)
+    demo = build_demo(chat, SETTINGS, max_input_chars=MAX_INPUT_CHARS, concurrency_limit=1, knowledge=knowledge)
     port = free_port()
     launch(demo, server_port=port, max_queue_size=max_queue_size, concurrency_limit=1, block=False)
     try:
@@ -304,3 +304,59 @@ def test_a_full_queue_tells_the_user_the_app_is_busy(chat_model):
         finally:
             browser.close()
             gate.hook.remove()
+
+
+def test_sources_are_shown_under_each_answer_and_kept_out_of_the_conversation(chat_model):
+    from medlora.data.knowledge import source_lines
+    from medlora.inference.retrieval import KnowledgeBase
+    from medlora.inference.web_ui import excerpt
+
+    sync_playwright = browser_or_skip()
+    knowledge = KnowledgeBase.load(ROOT / "data" / "knowledge" / "diseases.csv")
+    question, follow_up = "It burns when I pee and I need to go all the time.", "Is it serious?"
+    asked = [{"role": "user", "content": question}]
+    passages = chat_model.prompt_for(asked, max_new_tokens=SETTINGS.max_new_tokens,
+                                     passages=knowledge.search(question)).sources
+    expected = chat_model.answer(asked, settings=SETTINGS, passages=passages)
+    conversations = []  # what the model is asked with, answer by answer
+    stream = chat_model.stream
+
+    def observed_stream(messages, *args, **kwargs):
+        conversations.append(messages)
+        yield from stream(messages, *args, **kwargs)
+
+    chat_model.stream = observed_stream
+    with served_in_process(chat_model, knowledge=knowledge) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = open_chat_page(browser, url)
+            ask(page, question)
+            sources = page.get_by_text(f"Sources ({len(passages)})")
+            sources.wait_for(timeout=WAIT_S * 1000)
+            deadline = time.monotonic() + WAIT_S
+            while not "".join(words(expected)) in "".join(words(page.inner_text("#chatbot"))):
+                assert time.monotonic() < deadline, f"no full answer: {page.inner_text('#chatbot')!r}"
+                page.wait_for_timeout(200)
+            first_line = source_lines(passages)[0]
+            assert first_line not in page.inner_text("#chatbot")  # collapsed until clicked
+            sources.click()
+            page.wait_for_function(f"() => document.querySelector('#chatbot').innerText.includes({json.dumps(first_line)})",
+                                   timeout=30_000)
+            shown = page.inner_text("#chatbot")
+            assert all(line in shown for line in source_lines(passages))
+            # each source's text begins under its name
+            assert all(" ".join(words(excerpt(p.text))) in " ".join(words(shown)) for p in passages)
+            assert all(len(excerpt(p.text)) <= 242 and excerpt(p.text).endswith(" …") for p in passages)
+            assert "urinary tract infection" in source_lines(passages)[0] + source_lines(passages)[1]
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT.with_name("web_ui_sources.png")), full_page=True)
+
+            ask(page, follow_up)  # the sources note is not part of the conversation the model sees
+            deadline = time.monotonic() + WAIT_S
+            while len(conversations) < 2:
+                assert time.monotonic() < deadline, "the follow-up was never answered"
+                page.wait_for_timeout(100)
+            assert conversations[1] == asked + [{"role": "assistant", "content": expected},
+                                                {"role": "user", "content": follow_up}]
+        finally:
+            browser.close()

@@ -4,6 +4,8 @@ Formats, detected per file from the first valid record's fields (after --field_m
   alpaca    {"instruction", "input"?, "output", "history"?, "system"?}
   sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value"}], "system"?}
   messages  {"messages": [{"role": "system"|"user"|"assistant", "content"}]}   (OpenAI style)
+Any of them may add `context` or `knowledge`: a passage, or a list of passages (strings or
+{"text", "title"?} objects), rendered as the knowledge block grounded chat answers use.
 
 Every problem names the file, the record and the field. Every record is checked before the run
 stops, so one run lists all the bad ones; with --skip_bad_records they are dropped instead, and
@@ -23,6 +25,7 @@ SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "model": "assistant", "bard": "assistant", "system": "system"}
 MESSAGE_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
+KNOWLEDGE_FIELDS = ("context", "knowledge")  # passages for a grounded answer, in any format
 
 
 MAX_PROBLEMS_SHOWN = 20
@@ -276,8 +279,22 @@ def field_text(record: dict, key: str, where: str, required=True, allow_empty=Fa
 
 
 def to_conversation(record: dict, fmt: str, where: str) -> Conversation:
-    if fmt == "alpaca":
-        return _alpaca(record, where)
+    """The record as a Conversation; its `context` or `knowledge` field (a passage, or a list of them)
+    goes into the last user message as the knowledge block chat answers use (medlora/data/knowledge.py)."""
+    conversation = _alpaca(record, where) if fmt == "alpaca" else _turns(record, fmt, where)
+    present = [key for key in KNOWLEDGE_FIELDS if record.get(key) not in (None, "", [])]
+    if len(present) > 1:
+        raise MedLoRAError(f"{where}: fields 'context' and 'knowledge': give the passages in one of them")
+    if present:
+        from medlora.data.knowledge import passages_from_field, with_knowledge
+
+        passages = passages_from_field(record[present[0]], where, present[0])
+        last_user = len(conversation.messages) - 2  # the records end with the assistant's reply
+        conversation.messages[last_user] = with_knowledge(conversation.messages[last_user], passages)
+    return conversation
+
+
+def _turns(record: dict, fmt: str, where: str) -> Conversation:
     key, role_key, content_key, roles = (
         ("conversations", "from", "value", SHAREGPT_ROLES) if fmt == "sharegpt"
         else ("messages", "role", "content", MESSAGE_ROLES)

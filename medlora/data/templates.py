@@ -122,8 +122,9 @@ class PromptTemplate:
                     )
                 elif index == 0:
                     text = self.spec["prompt_no_input"].format(system=system_text, instruction=message["content"])
-                else:
-                    text = self.spec["prompt_next_turn"].format(instruction=message["content"])
+                else:  # a later turn's input (e.g. its knowledge block) follows its question
+                    content = "\n\n".join(part for part in (message["content"], message.get("input")) if part)
+                    text = self.spec["prompt_next_turn"].format(instruction=content)
                 pieces.append(text)
                 length += len(text)
             else:

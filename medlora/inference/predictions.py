@@ -2,7 +2,9 @@
 
 read_prediction_records   the questions, from any format medlora.records reads; a record's own last
                           reply is kept as the reference answer and never shown to the model
-write_predictions         one JSON line per record, written atomically, with a progress bar
+write_predictions         one JSON line per record, written atomically, with a progress bar; with a
+                          knowledge base, each question's passages go into its prompt and the line
+                          gets `sources` (the passages as numbered in the prompt)
 """
 
 import json
@@ -76,13 +78,19 @@ def with_reply_slot(record: dict, fmt: str, where: str) -> tuple:
     return record, True
 
 
-def write_predictions(chat: ChatModel, records: list, predictions_file, settings: GenerationSettings) -> dict:
+def write_predictions(chat: ChatModel, records: list, predictions_file, settings: GenerationSettings,
+                      knowledge=None) -> dict:
     """Answer every record and write one JSON line per record, atomically: a temporary file in the same
-    folder, renamed over predictions_file only when every answer is written."""
+    folder, renamed over predictions_file only when every answer is written. knowledge: a
+    retrieval.KnowledgeBase searched with each record's question."""
     from tqdm import tqdm
 
     started = time.time()
-    prompts = [chat.prompt_for(r.messages, r.system, settings.max_new_tokens, r.source) for r in records]
+    from medlora.inference.retrieval import search_text
+
+    prompts = [chat.prompt_for(r.messages, r.system, settings.max_new_tokens, r.source,
+                               passages=knowledge.search(search_text(r.messages[-1])) if knowledge else None)
+               for r in records]
     target = Path(str(predictions_file)).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}.",
@@ -94,6 +102,8 @@ def write_predictions(chat: ChatModel, records: list, predictions_file, settings
                 line = {"record": record.number, "prompt": prompt.text, "prediction": prediction}
                 if record.reference is not None:
                     line["reference"] = record.reference
+                if knowledge:
+                    line["sources"] = [passage.to_dict() for passage in prompt.sources]
                 handle.write(json.dumps(line, ensure_ascii=False) + "\n")
         os.replace(handle.name, target)
     except BaseException:

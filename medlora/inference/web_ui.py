@@ -1,5 +1,7 @@
 """generate.py's Gradio chat page: streaming multi-turn chat on one ChatModel, with a system prompt,
-sampling sliders, example questions, Stop and Clear buttons and a not-medical-advice notice.
+sampling sliders, example questions, Stop and Clear buttons and a not-medical-advice notice. With a
+knowledge base, each answer is followed by a collapsed "Sources" message (a Chatbot message with a
+metadata title), which is never sent back to the model as part of the conversation.
 
 Generation runs in Gradio's queue: at most `concurrency_limit` answers at once (one model, one
 queue), at most `max_queue_size` waiting; beyond that Gradio tells the user the app is busy.
@@ -22,6 +24,7 @@ FALLBACK_QUESTIONS = [
     "How can I lower my blood pressure without medication?",
     "When should I see a doctor about a headache?",
 ]
+SOURCE_EXCERPT_CHARS = 240  # of each source's text in the page's Sources note
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "monospace"]
 
@@ -73,6 +76,8 @@ def history_to_messages(history: list) -> list:
 
     messages, pending = [], None
     for message in history:
+        if (message.get("metadata") or {}).get("title"):  # a "Sources" note, not part of the conversation
+            continue
         content = text_of(message.get("content"))
         if message.get("role") == "user":
             pending = content
@@ -85,8 +90,33 @@ def history_to_messages(history: list) -> list:
     return messages
 
 
+def sources_message(passages: list) -> dict:
+    """The collapsed "Sources" note shown under an answer (the same list chat.py prints)."""
+    from medlora.data.knowledge import source_lines
+
+    if not passages:
+        content = "No passage of the knowledge base matched the question."
+    else:  # each source's name, then the start of its text, so that the answer can be checked against it
+        content = "\n\n".join(f"**{escape_markdown(line)}**  \n{escape_markdown(excerpt(p.text))}"
+                                for line, p in zip(source_lines(passages), passages))
+    return {"role": "assistant", "content": content,
+            "metadata": {"title": f"Sources ({len(passages)})", "status": "done"}}
+
+
+def excerpt(text: str, chars: int = SOURCE_EXCERPT_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= chars else text[:chars].rsplit(" ", 1)[0] + " …"
+
+
+def escape_markdown(text: str) -> str:
+    import re
+
+    return re.sub(r"([\\`*_{}\[\]<>#|])", r"\\\1", text)
+
+
 def build_demo(chat: ChatModel, defaults: GenerationSettings, max_input_chars: int = 4000,
-               concurrency_limit: int = 1, title: str = "MedLoRA medical chat"):
+               concurrency_limit: int = 1, title: str = "MedLoRA medical chat", knowledge=None):
+    """knowledge: a retrieval.KnowledgeBase to ground every answer in (its sources shown under it)."""
     import gradio as gr
 
     answering = {}  # session hash -> the cancel Event of the answer being generated for it
@@ -113,10 +143,15 @@ def build_demo(chat: ChatModel, defaults: GenerationSettings, max_input_chars: i
         answering[request.session_hash] = cancel
         history = list(history) + [{"role": "assistant", "content": ""}]
         try:
-            for text in chat.stream(messages, system, settings, cancel):
+            passages, answer_at = None, len(history) - 1
+            if knowledge:  # the passages that fit the prompt, shown under the answer from the start
+                passages = chat.prompt_for(messages, system, settings.validate().max_new_tokens,
+                                           passages=knowledge.search(messages[-1]["content"])).sources
+                history.append(sources_message(passages))
+            for text in chat.stream(messages, system, settings, cancel, passages=passages):
                 if cancel.is_set():  # Stop: the answer stays as the user last saw it
                     break
-                history[-1] = {"role": "assistant", "content": text}
+                history[answer_at] = {"role": "assistant", "content": text}
                 yield history
         except MedLoRAError as error:
             raise gr.Error(str(error), title="Cannot answer") from None
