@@ -120,6 +120,7 @@ def train(
         resolve_base_model,
         resolve_precision,
     )
+    from medlora.training import distributed
     from medlora.training.preference_trainer import (
         PreferenceTrainer,
         restore_fp32_adapter,
@@ -127,7 +128,6 @@ def train(
     from medlora.training.saving import save_trained_model
     from medlora.training.trainer import (
         MarkCompleteCheckpoints,
-        distributed,
         gradient_accumulation_steps_for,
         prepare_quantized_for_training,
         resolve_report_to,

@@ -87,7 +87,7 @@ def main(
         if given:
             raise MedLoRAError(f"--harness lm_eval runs lm-eval's own tasks and prompts; {', '.join(given)} "
                                f"{'does' if len(given) == 1 else 'do'} not apply to it")
-        from medlora.evaluation.scoring import harness as lm_harness
+        from medlora.evaluation import harness as lm_harness
 
         task_names = lm_harness.task_names(tasks)
         manager = lm_harness.task_manager(task_names, include_path)  # unknown task names fail before the model loads

@@ -136,6 +136,7 @@ def train(
     )
     from medlora.models.packed_attention import PACKED_ATTENTION, use_packed_attention
     from medlora.run_folder import RunFolder
+    from medlora.training import distributed
     from medlora.training.collators import (
         PackedCollator,
         PaddedCollator,
@@ -144,7 +145,6 @@ def train(
     from medlora.training.saving import save_trained_model
     from medlora.training.trainer import (
         LabelOnlyLossTrainer,
-        distributed,
         gradient_accumulation_steps_for,
         optimizer_steps,
         prepare_quantized_for_training,

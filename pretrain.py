@@ -103,11 +103,11 @@ def pretrain(
         resolve_precision,
         trainable_parameters_to_fp32,
     )
+    from medlora.training import distributed
     from medlora.training.collators import PaddedCollator
     from medlora.training.saving import save_trained_model
     from medlora.training.trainer import (
         LabelOnlyLossTrainer,
-        distributed,
         gradient_accumulation_steps_for,
         prepare_quantized_for_training,
         resolve_report_to,

@@ -107,10 +107,10 @@ def train(
         resolve_precision,
         trainable_parameters_to_fp32,
     )
+    from medlora.training import distributed
     from medlora.training.saving import save_trained_model
     from medlora.training.trainer import (
         MarkCompleteCheckpoints,
-        distributed,
         gradient_accumulation_steps_for,
         prepare_quantized_for_training,
         resolve_report_to,

@@ -122,6 +122,7 @@ def train(
         resolve_base_model,
         resolve_precision,
     )
+    from medlora.training import distributed
     from medlora.training.preference_trainer import restore_fp32_adapter
     from medlora.training.reward_model import checked_reward_model, load_reward_model
     from medlora.training.rewards import (
@@ -134,7 +135,6 @@ def train(
     from medlora.training.saving import save_trained_model
     from medlora.training.trainer import (
         MarkCompleteCheckpoints,
-        distributed,
         gradient_accumulation_steps_for,
         prepare_quantized_for_training,
         resolve_report_to,

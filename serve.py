@@ -45,6 +45,8 @@ def main(
     max_concurrency: int = 1,
     max_queue: int = 8,
     log_level: str = "info",
+    knowledge_path: str = "",
+    knowledge_top_k: int = 3,
 ):
     """Serve BASE_MODEL and the LORA_WEIGHTS adapters on it at http://HOST:PORT/v1 (OpenAI chat completions).
 
@@ -63,13 +65,17 @@ def main(
         max_concurrency: Answers generated at once (all on the same adapter; 1 keeps a request's seed reproducible).
         max_queue: Requests that may wait beyond those; more are refused at once with 429 and Retry-After.
         log_level: uvicorn's log level: critical, error, warning, info, debug.
+        knowledge_path: Ground answers in a knowledge base (.csv/.jsonl/.json/.txt/.md or a folder; docs/retrieval.md): each question's best passages go into the prompt, and the response lists them as `sources`.
+        knowledge_top_k: Passages per question from --knowledge_path.
     """
     defaults = GenerationSettings(temperature, top_p, top_k, 1, max_new_tokens, repetition_penalty).validate()
     if int(max_concurrency) < 1 or int(max_queue) < 0:
         raise MedLoRAError("--max_concurrency must be >= 1 and --max_queue >= 0")
+    from medlora.inference.retrieval import load_knowledge
     from medlora.inference.serving import ServedModels, create_app, parse_adapters
 
     adapters = parse_adapters(lora_weights)
+    knowledge = load_knowledge(knowledge_path, knowledge_top_k)  # checked and indexed before the model loads
     api_key = str(api_key or os.environ.get(API_KEY_VARIABLE, ""))
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {host} without --api_key: anyone who can reach the port can use the model")
@@ -79,7 +85,9 @@ def main(
                                device=device or None, precision=precision, trust_remote_code=trust_remote_code)
     for served in models.by_name.values():
         print(f"model {served.name!r}: {served.chat.describe()}", flush=True)
-    app = create_app(models, defaults, api_key, int(max_concurrency), int(max_queue))
+    if knowledge:
+        print(f"knowledge: {knowledge.describe()}", flush=True)
+    app = create_app(models, defaults, api_key, int(max_concurrency), int(max_queue), knowledge)
     import uvicorn
 
     print(f"OpenAI-compatible API on http://{host}:{port}/v1 (Ctrl-C stops it)", flush=True)

@@ -363,3 +363,25 @@ def test_gate_runs_one_adapter_at_a_time_in_arrival_order():
         assert (gate.running, gate.queued) == (0, 0) and gate.admit("b") is not None
 
     asyncio.run(scenario())
+
+
+def test_knowledge_sources_are_in_the_prompt_and_in_the_response(served):
+    """--knowledge_path: the response lists exactly the passages the prompt was built with (what chat.py and the
+    page show for the same question), in the plain answer and on the stream's first chunk."""
+    from medlora.inference.retrieval import load_knowledge, search_text
+    from medlora.paths import DATA_DIR
+
+    knowledge = load_knowledge(str(DATA_DIR / "knowledge" / "diseases.csv"), 2)
+    question = "It burns when I pee and I have to go all the time. What could it be?"
+    messages = [{"role": "user", "content": question}]
+    chat = served.get("medic").chat
+    expected = [p.to_dict() for p in chat.prompt_for(messages, None, 8, passages=knowledge.search(
+        search_text(messages[-1]))).sources]
+    assert len(expected) == 2
+    with InProcessServer(create_app(served, SERVER_DEFAULTS, knowledge=knowledge)) as running:
+        client = running.client(max_retries=0)
+        response = client.chat.completions.create(model="medic", messages=messages, max_tokens=8, temperature=0)
+        assert response.model_extra["sources"] == expected
+        first = next(iter(client.chat.completions.create(model="medic", messages=messages, max_tokens=8,
+                                                          temperature=0, stream=True)))
+        assert first.model_extra["sources"] == expected

@@ -465,8 +465,8 @@ def test_rl_with_the_rule_reward_raises_the_mean_reward(rl_policy, tmp_path):
 def test_rl_against_the_reward_model(reward_model, tiny_adapter, tmp_path):
     import rl
     from medlora.models.loading import load_for_inference
+    from medlora.training import rewards
     from medlora.training.reward_model import load_reward_model, score_sequences
-    from medlora.training.trainer import rewards
 
     rm_dir, _ = reward_model
     prompts = tmp_path / "questions.txt"
@@ -491,7 +491,7 @@ def test_rl_against_the_reward_model(reward_model, tiny_adapter, tmp_path):
 
 
 def test_prompts_come_from_any_record_file(tmp_path):
-    from medlora.training.trainer import rewards
+    from medlora.training import rewards
 
     questions = tmp_path / "questions.txt"
     questions.write_text("Fever?\n\nCough?\n", encoding="utf-8")

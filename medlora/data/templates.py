@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medlora.errors import MedLoRAError
-
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+from medlora.paths import TEMPLATES_DIR
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from medlora.errors import MedLoRAError
 from medlora.evaluation.report import ModelResults, Section
+from medlora.paths import PROJECT_ROOT
 
 LM_EVAL_PIN = "lm-eval==0.4.13"
 # The standard medical tasks of lm-eval 0.4.13, by name (each downloads its dataset from the Hugging Face hub).
@@ -42,7 +43,7 @@ def _import_hf_evaluate() -> None:
     Importing the library first, past the repository, makes their import find it."""
     if "evaluate" in sys.modules:
         return
-    root = Path(__file__).resolve().parent.parent
+    root = PROJECT_ROOT
     saved = list(sys.path)
     sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
     try:

@@ -32,6 +32,7 @@ from medlora.inference.generation import (
     GenerationSettings,
     exported_template,
 )
+from medlora.inference.retrieval import search_text
 
 logger = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 1
@@ -210,7 +211,9 @@ class ServerStats:
 
 # ---- the app -------------------------------------------------------------------------------------------------
 def create_app(models: ServedModels, defaults: GenerationSettings, api_key: str = "", max_concurrency: int = 1,
-               max_queue: int = 8):
+               max_queue: int = 8, knowledge=None):
+    """The FastAPI app. knowledge (a retrieval.KnowledgeBase): every question is searched in it, the passages go
+    into the prompt, and the answer carries them as `sources` (a field OpenAI clients ignore)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
@@ -260,8 +263,10 @@ def create_app(models: ServedModels, defaults: GenerationSettings, api_key: str 
         settings = replace(defaults, num_beams=1, max_new_tokens=chat_request.max_tokens or defaults.max_new_tokens,
                            **{name: value for name in ("temperature", "top_p")
                               if (value := getattr(chat_request, name)) is not None})
+        passages = knowledge.search(search_text(chat_request.messages[-1])) if knowledge else None
         try:
-            prompt = served.chat.prompt_for(chat_request.messages, chat_request.system, settings.max_new_tokens)
+            prompt = served.chat.prompt_for(chat_request.messages, chat_request.system, settings.max_new_tokens,
+                                            passages=passages)
         except MedLoRAError as error:
             too_long = "too long" in str(error)
             raise APIError(400, str(error), param="messages",
@@ -271,7 +276,8 @@ def create_app(models: ServedModels, defaults: GenerationSettings, api_key: str 
             stats.refused += 1
             raise APIError(429, f"the server is busy ({gate.running} running, {gate.queued} queued); retry later",
                            "rate_limit_error", code="server_busy", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-        job = Generation(served, prompt.input_ids, settings, chat_request, gate, ticket, stats)
+        job = Generation(served, prompt.input_ids, settings, chat_request, gate, ticket, stats,
+                         [passage.to_dict() for passage in prompt.sources] if knowledge else None)
         if chat_request.stream:
             return job.streaming_response()
         try:
@@ -285,8 +291,9 @@ def create_app(models: ServedModels, defaults: GenerationSettings, api_key: str 
 class Generation:
     """One request's answer: generated in a thread by ChatModel.stream_prompt, handed to the event loop."""
 
-    def __init__(self, served, input_ids, settings, chat_request, gate, ticket, stats):
+    def __init__(self, served, input_ids, settings, chat_request, gate, ticket, stats, sources=None):
         self.served, self.input_ids, self.settings, self.request = served, input_ids, settings, chat_request
+        self.sources = sources  # the knowledge passages in the prompt (--knowledge_path), else None
         self.gate, self.ticket, self.stats = gate, ticket, stats
         self.cancel, self.report = threading.Event(), GenerationReport()
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -354,10 +361,13 @@ class Generation:
                 pass
         finally:
             watcher.cancel()
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.served.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": self._finish_reason()}],
-                "usage": self.usage(), "system_fingerprint": None}
+        response = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.served.name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "logprobs": None, "finish_reason": self._finish_reason()}],
+                    "usage": self.usage(), "system_fingerprint": None}
+        if self.sources is not None:
+            response["sources"] = self.sources
+        return response
 
     def _chunk(self, delta: dict | None, finish_reason: str | None = None, usage: dict | None = None) -> str:
         choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
@@ -366,6 +376,8 @@ class Generation:
                  "model": self.served.name, "choices": choices, "system_fingerprint": None}
         if self.request.include_usage:
             chunk["usage"] = usage
+        if self.sources is not None and delta is not None and delta.get("role"):
+            chunk["sources"] = self.sources  # once, on the first chunk
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
     async def events(self):

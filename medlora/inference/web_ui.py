@@ -14,10 +14,11 @@ from pathlib import Path
 
 from medlora.errors import MedLoRAError
 from medlora.inference.generation import DISCLAIMER, ChatModel, GenerationSettings
+from medlora.paths import DATA_DIR
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a medical demo should not phone home
 
-SAMPLE_QUESTIONS_FILE = Path(__file__).resolve().parent.parent / "data" / "sample_questions.json"
+SAMPLE_QUESTIONS_FILE = DATA_DIR / "sample_questions.json"
 FALLBACK_QUESTIONS = [
     "I've had a sore throat and a mild fever for two days. What should I do?",
     "What are the early signs of type 2 diabetes?",

@@ -13,7 +13,7 @@ from medlora.models.builtin import (
     default_template_for,
     is_builtin,
 )
-from medlora.training.trainer import distributed
+from medlora.training import distributed
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from transformers import Trainer, TrainerCallback
 
 from medlora.errors import MedLoRAError
 from medlora.run_folder import CHECKPOINT_COMPLETE, RunFolder
+from medlora.training import distributed
 from medlora.training.loss import label_only_loss
-from medlora.training.trainer import distributed
 
 logger = logging.getLogger(__name__)
 
