@@ -19,7 +19,10 @@ process (this script re-started with --config NAME --json_out PATH), so that pea
 
 Throughput counts the training loop only: from the end of the first (warm-up) optimizer step to the end
 of the last, data loading and collation included, model loading and data preparation excluded.
-The bench data lives beside the repository (../shared/datasets); the script stops with an error without it.
+The bench data: by default the first records of ChatDoctor's genmedgpt_5k with the original LLaMA tokenizer,
+from ../shared/datasets beside the repository (development and CI machines). In a clone without that folder the
+bundled data/sft/medical_chat_en.json and the built-in tiny model's SentencePiece tokenizer are used instead,
+and the table says so; --data_path takes any alpaca-format file or hub dataset (instruction, input, output).
 """
 
 import contextlib
@@ -43,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from medlora.errors import MedLoRAError, exit_on_error
+from medlora.paths import DATA_DIR
 
 SHARED = ROOT.parent / "shared" / "datasets"
 DATASET = SHARED / "chatdoctor" / "genmedgpt_5k.json"
@@ -76,7 +80,7 @@ SECTION = "<!-- benchmark:{device}:{edge} -->"
 
 def main(configs: str = ",".join(TRAINING_CONFIGS + EXTRA_CONFIGS), device: str = "cpu", quick: bool = False,
          records: int = 0, shapes: str = ",".join(GPU_SHAPES), quant: str = "lora,qlora", no_write: bool = False,
-         doc: str = str(DOC_PATH), keep: bool = False,
+         doc: str = str(DOC_PATH), keep: bool = False, data_path: str = "",
          # worker mode (used by the script itself)
          config: str = "", json_out: str = "", bench_dir: str = "", shape: str = "cpu", quant_mode: str = "lora"):
     """Run the benchmark and print (and, unless --no_write, write) the results table.
@@ -91,6 +95,9 @@ def main(configs: str = ",".join(TRAINING_CONFIGS + EXTRA_CONFIGS), device: str 
         no_write: Print the table only; leave docs/BENCHMARKS.md alone.
         doc: The Markdown file whose marked section receives the table.
         keep: Keep the temporary folder (model, data, worker logs and JSON) and print its path.
+        data_path: Training records (alpaca format: instruction, input, output), a file or a hub dataset; default:
+            ../shared/datasets/chatdoctor/genmedgpt_5k.json where it exists, else the bundled
+            data/sft/medical_chat_en.json.
         config: Worker mode: run this one configuration and write its measurements to --json_out.
     """
     if config:
@@ -102,10 +109,8 @@ def main(configs: str = ",".join(TRAINING_CONFIGS + EXTRA_CONFIGS), device: str 
                            f"choose from {', '.join(TRAINING_CONFIGS + EXTRA_CONFIGS)}")
     if device not in ("cpu", "cuda"):
         raise MedLoRAError(f"--device: unknown value {device!r}; use cpu or cuda")
-    for path in (DATASET, LLAMA_TOKENIZER):
-        if not path.is_file():
-            raise MedLoRAError(f"{path}: bench data not found (the shared datasets live beside the repository)")
     records = int(records) or (32 if quick else 256)
+    bench_records = read_bench_records(data_path, records)
     if records < 16:
         raise MedLoRAError(f"--records {records}: use at least 16 (two optimizer steps of 8)")
     runs = plan_runs(names, device, shapes, quant)
@@ -119,7 +124,9 @@ def main(configs: str = ",".join(TRAINING_CONFIGS + EXTRA_CONFIGS), device: str 
     machine = describe_machine(device)
     results = []
     try:
-        write_bench_data(work, records)
+        (work / "train.json").write_text(json.dumps(bench_records, ensure_ascii=False), encoding="utf-8")
+        machine["bench_data"] = f"{data_path or default_bench_data()} ({len(bench_records)} records), tokenizer: " \
+                                f"{'LLaMA' if LLAMA_TOKENIZER.is_file() else 'the tiny model SentencePiece'}"
         for run_shape in dict.fromkeys(shape_name for _, shape_name, _ in runs):
             build_bench_model(work / run_shape, run_shape, device)
         progress = tqdm(runs, desc="benchmark", unit="run")
@@ -166,9 +173,36 @@ def plan_runs(names, device, shapes, quant) -> list:
 
 
 # ---- bench preparation (parent process) --------------------------------------------------------------------
-def write_bench_data(work: Path, records: int) -> None:
-    data = json.loads(DATASET.read_text(encoding="utf-8"))[:records]
-    (work / "train.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+def default_bench_data() -> str:
+    return str(DATASET if DATASET.is_file() else DATA_DIR / "sft" / "medical_chat_en.json")
+
+
+def read_bench_records(data_path: str, records: int) -> list:
+    """The first `records` alpaca records of --data_path (a file, a folder or a hub dataset, read by MedLoRA's
+    record reader); every configuration trains on the same ones, so they must be in the format all peers read."""
+    from medlora.data.records import read_sources
+
+    data_path = data_path or default_bench_data()
+    rows = [record for _, source in read_sources(data_path) for _, record in source][:records]
+    bad = next((number for number, row in enumerate(rows, 1)
+                if not (isinstance(row, dict) and isinstance(row.get("instruction"), str)
+                        and isinstance(row.get("output"), str))), None)
+    if bad is not None:
+        raise MedLoRAError(f"{data_path}: record {bad}: the benchmark needs alpaca records (instruction, input, "
+                           "output), which every compared pipeline reads")
+    if len(rows) < 16:
+        raise MedLoRAError(f"{data_path}: {len(rows)} records; the benchmark needs at least 16")
+    return [{"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]}
+            for row in rows]
+
+
+def bench_tokenizer_model() -> Path:
+    """The original LLaMA tokenizer where ../shared has it, else the built-in tiny model's SentencePiece model."""
+    if LLAMA_TOKENIZER.is_file():
+        return LLAMA_TOKENIZER
+    from medlora.models.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model() / "tokenizer.model"
 
 
 def build_bench_model(folder: Path, shape: str, device: str) -> None:
@@ -178,7 +212,7 @@ def build_bench_model(folder: Path, shape: str, device: str) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     folder.mkdir(parents=True)
-    shutil.copy(LLAMA_TOKENIZER, folder / "tokenizer.model")
+    shutil.copy(bench_tokenizer_model(), folder / "tokenizer.model")
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False, "model_max_length": 4096}))
@@ -453,10 +487,11 @@ def measure_data_prep(model_dir, bench, limit=None) -> dict:
     from medlora.data.tokenization import ConversationEncoder
     from medlora.models.loading import load_tokenizer
 
-    path = DATASET
+    path = Path(default_bench_data())  # the whole file
     if limit:  # --quick: a slice of the file
         path = bench / "data-prep-slice.json"
-        path.write_text(json.dumps(json.loads(DATASET.read_text(encoding="utf-8"))[:limit]), encoding="utf-8")
+        path.write_text(json.dumps(json.loads(Path(default_bench_data()).read_text(encoding="utf-8"))[:limit]),
+                        encoding="utf-8")
     tokenizer = load_tokenizer(str(model_dir))
     encoder = ConversationEncoder(tokenizer, PromptTemplate.load("alpaca"), BENCH["cutoff_len"])
     timings = []
@@ -528,7 +563,8 @@ def render_report(results, machine, records, device) -> str:
     lines = [f"Measured {machine['date']} on {machine['gpu'] or machine['cpu']} "
              f"({machine['cores']} cores{', CPU training on ' + str(BENCH['cpu_threads']) + ' threads' if device == 'cpu' else ''}); "
              f"{machine['versions']}; load average (1, 5, 15 min) {load(machine['load_before'])} before, "
-             f"{load(machine.get('load_after', machine['load_before']))} after.", ""]
+             f"{load(machine.get('load_after', machine['load_before']))} after.",
+             f"Data: {machine.get('bench_data', default_bench_data())}.", ""]
     training = [r for r in results if r["config"] in TRAINING_CONFIGS]
     memory = "peak CUDA MiB" if device == "cuda" else "peak RSS MiB"
     precision = "fp32" if device == "cpu" else "bf16"

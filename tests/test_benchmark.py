@@ -128,3 +128,25 @@ def test_gpu_shapes_are_the_published_llama_configs():
     runs = benchmark.plan_runs(["medlora", "trl", "generation"], "cuda", "llama-3.2-1b", "lora,qlora")
     assert runs == [("medlora", "llama-3.2-1b", "lora"), ("trl", "llama-3.2-1b", "lora"),
                     ("medlora", "llama-3.2-1b", "qlora"), ("trl", "llama-3.2-1b", "qlora")]
+
+
+def test_a_clone_without_the_shared_folder_benches_the_bundled_data(tmp_path, monkeypatch, tiny_model_path):
+    """#12: a user's clone has no ../shared: the bench falls back to the bundled records and the tiny model's
+    tokenizer, and --data_path takes any alpaca-format file (other formats are refused naming the record)."""
+    import json
+
+    from medlora.errors import MedLoRAError
+
+    bench = load_benchmark_module()
+    monkeypatch.setattr(bench, "DATASET", tmp_path / "absent" / "genmedgpt_5k.json")
+    monkeypatch.setattr(bench, "LLAMA_TOKENIZER", tmp_path / "absent" / "tokenizer.model")
+    bundled = json.loads((ROOT / "data" / "sft" / "medical_chat_en.json").read_text(encoding="utf-8"))
+    records = bench.read_bench_records("", 20)
+    assert records == [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]}
+                       for r in bundled[:20]]
+    assert bench.bench_tokenizer_model() == tiny_model_path / "tokenizer.model"
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+                     + "\n")
+    with pytest.raises(MedLoRAError, match=r"chats.jsonl: record 1: the benchmark needs alpaca records"):
+        bench.read_bench_records(str(chats), 20)

@@ -141,3 +141,38 @@ def test_idle_openmp_threads_sleep_unless_told_otherwise(given, expected):
     code = "import os, medlora, torch; print(os.environ['OMP_WAIT_POLICY'])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=True)
     assert result.stdout.strip() == expected
+
+
+@pytest.mark.slow
+def test_chatml_replies_are_trained_up_to_their_single_eos(smollm2_folder):
+    """SmolLM2's chat template closes each reply with "<|im_end|>\\n": the label mask covers the reply and that EOS,
+    once; the newline after it is the next turn's prompt (no second EOS is appended after it)."""
+    from medlora.data.templates import Conversation, PromptTemplate
+    from medlora.data.tokenization import IGNORE_INDEX, ConversationEncoder
+    from medlora.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(smollm2_folder))
+    encoder = ConversationEncoder(tokenizer, PromptTemplate.load("chat"), 512)
+    conversation = Conversation([{"role": "user", "content": "I have a cough."},
+                                 {"role": "assistant", "content": "Drink fluids and rest."},
+                                 {"role": "user", "content": "Anything else?"},
+                                 {"role": "assistant", "content": "Sleep well."}])
+    example = encoder.encode([conversation]).examples[0]
+    trained = [tokenizer.decode(ids) for ids in runs_of_trained(example)]
+    assert trained == ["Drink fluids and rest.<|im_end|>", "Sleep well.<|im_end|>"]
+    assert example.input_ids.count(tokenizer.eos_token_id) == tokenizer.apply_chat_template(
+        [{"role": "system", "content": "x"}, *conversation.messages], tokenize=False).count("<|im_end|>")
+    assert example.labels[-1] == IGNORE_INDEX  # the closing newline is not trained
+
+
+def runs_of_trained(example) -> list:
+    from medlora.data.tokenization import IGNORE_INDEX
+
+    runs, current = [], []
+    for token, label in zip(example.input_ids, example.labels):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])

@@ -92,6 +92,17 @@ class ConversationEncoder:
             raise ValueError("a generation prompt must end with a user message")
         return next(self._encode_batch([conversation]))[0]
 
+    def _end_at_eos(self, text: str, start: int, end: int) -> int:
+        """A reply the chat template closes with the EOS text and then a newline (ChatML: "<|im_end|>\n") is
+        trained up to its EOS: generation stops there, so the newline belongs to the next turn's prompt, and
+        no second EOS is added after it."""
+        eos_text = self.tokenizer.eos_token
+        if eos_text:
+            closing = text.rfind(eos_text, start, end)
+            if closing >= 0 and not text[closing + len(eos_text):end].strip():
+                return closing + len(eos_text)
+        return end
+
     def _encode_batch(self, conversations):
         rendered = [self.template.render(c, self.tokenizer) for c in conversations]
         encodings = self.tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
@@ -104,6 +115,7 @@ class ConversationEncoder:
             trained = [False] * len(ids)
             eos_positions = []
             for span_start, span_end in item.assistant_spans:
+                span_end = self._end_at_eos(item.text, span_start, span_end)
                 first = bisect_left(starts, span_start)
                 while first > 0 and offsets[first - 1][1] > span_start:  # a token straddling the reply's start
                     first -= 1
