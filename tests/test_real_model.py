@@ -67,10 +67,12 @@ def all_cores():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="failed in the session's last CI check: with plain greedy decoding (no repetition penalty) the "
-                          "tuned model ran past 256 tokens on at least one held-out question; not yet diagnosed",
-                   strict=False)
 def test_tuned_model_ends_its_answers_with_eos(demo, all_cores):
+    """Greedy, with the repetition penalty chat.py, generate.py and serve.py use by default (1.1). Without any
+    penalty a 135M model falls into loops under greedy decoding ("If you are unsure, see a doctor. If you are
+    unsure, ..."): measured on the demo adapter, the *base* model then ran past 256 tokens on 2 of these 3
+    questions, the tuned one on 2 of 3; with the penalty the tuned model ended all three with EOS in 46-67 tokens.
+    The label mask trains each reply's EOS once (tests/test_builtin_models.py)."""
     from medlora.inference.generation import ChatModel
 
     output_dir, _ = demo
@@ -81,7 +83,8 @@ def test_tuned_model_ends_its_answers_with_eos(demo, all_cores):
         ids = torch.tensor([prepared.input_ids])
         with torch.no_grad():
             generated = chat.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=256,
-                                            do_sample=False, eos_token_id=eos, pad_token_id=chat.tokenizer.pad_token_id)
+                                            do_sample=False, repetition_penalty=1.1, eos_token_id=eos,
+                                            pad_token_id=chat.tokenizer.pad_token_id)
         new_tokens = generated[0, ids.shape[1]:].tolist()
         assert eos in new_tokens, f"no EOS within 256 tokens for {question!r}"
 
