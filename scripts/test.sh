@@ -17,4 +17,6 @@ fi
 # One thread per process: tests start several processes (torchrun, servers), and oversubscribed
 # OpenMP threads spin against each other on a small machine.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-python -m pytest "$@"
+# Test files are shared out over MEDLORA_TEST_WORKERS processes (default 2, one per core of the CI machine);
+# each file runs whole in one process, so its fixtures are built once. MEDLORA_TEST_WORKERS=0: one process.
+python -m pytest -n "${MEDLORA_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -16,8 +16,11 @@ SAMPLE_SFT = ROOT / "data" / "sft"
 # 135M model that is far too slow for the suite; this 1.5M-parameter random toy exercises the same code.
 TINY = "builtin:tiny-llama"
 
-# Every test, and every script a test starts, uses one private cache for the tiny model.
-os.environ.setdefault("MEDLORA_CACHE", tempfile.mkdtemp(prefix="medlora-test-cache-"))
+# Every test, and every script a test starts, uses one private cache for the built-in models: one per test run,
+# shared by the run's pytest-xdist workers (the SmolLM2 conversion then happens once; builds are atomic).
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+os.environ.setdefault("MEDLORA_CACHE", str(Path(tempfile.gettempdir()) / f"medlora-test-cache-{_RUN_ID}") if _RUN_ID
+                      else tempfile.mkdtemp(prefix="medlora-test-cache-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

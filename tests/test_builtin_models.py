@@ -72,7 +72,11 @@ def test_unknown_builtin_names_the_built_in_models():
 def test_defaults_real_model_with_its_own_chat_template():
     import inspect
 
-    assert inspect.signature(finetune.train).parameters["base_model"].default == DEFAULT_BASE_MODEL
+    from medlora.models.loading import continued_adapter_defaults
+
+    # finetune.py's --base_model is empty by default: the base of --lora_weights, else the default model.
+    assert inspect.signature(finetune.train).parameters["base_model"].default == ""
+    assert continued_adapter_defaults("", "", "") == (DEFAULT_BASE_MODEL, "chat")
     assert DEFAULT_BASE_MODEL == "builtin:smollm2-135m-instruct"
     assert default_template_for(DEFAULT_BASE_MODEL) == "chat"
     assert default_template_for(TINY) == "alpaca" and default_template_for("meta-llama/Llama-3.1-8B") == "alpaca"

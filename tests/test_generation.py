@@ -123,7 +123,7 @@ def test_prompt_is_tokenized_exactly_like_training(base_chat):
 
 
 def test_chat_template_prompt_uses_the_tokenizers_own_template(base_inference):
-    chat = ChatModel(base_inference, prompt_template="chat")
+    chat = ChatModel(base_inference, "chat")
     messages = [{"role": "user", "content": "I cough at night."}, {"role": "assistant", "content": "Since when?"},
                 {"role": "user", "content": "Two weeks."}]
     prompt = chat.prompt_for(messages, system="Be brief.")
@@ -139,13 +139,13 @@ def test_merged_export_brings_its_template(tiny_model_path, tmp_path):
     shutil.copytree(tiny_model_path, merged)
     (merged / "medlora_export.json").write_text(json.dumps({"prompt_template_name": "chatdoctor"}))
     assert ChatModel.load(base_model=str(merged)).template.name == "chatdoctor"
-    assert ChatModel.load(base_model=str(merged), prompt_template="vicuna").template.name == "vicuna"
+    assert ChatModel.load(base_model=str(merged), prompt_template_name="vicuna").template.name == "vicuna"
     assert ChatModel.load(base_model=str(tiny_model_path)).template.name == "alpaca"  # the fallback
 
 
 @pytest.mark.slow
 def test_8bit_model_answers(tiny_adapter):
-    chat = ChatModel.load(lora_weights=str(tiny_adapter), load_8bit=True)
+    chat = ChatModel.load(lora_weights=str(tiny_adapter), load_in_8bit=True)
     assert any(type(module).__name__ == "Linear8bitLt" for module in chat.model.modules())
     assert chat.answer(QUESTION, settings=VARIED_GREEDY)
 

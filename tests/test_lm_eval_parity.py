@@ -197,9 +197,9 @@ def test_unknown_task_names_the_nearest_ones():
 def test_lm_evals_evaluate_import_finds_hugging_faces_library_not_this_script():
     import medlora.evaluation.harness
 
-    medlora.harness.task_names("x")  # (no import yet)
+    medlora.evaluation.harness.task_names("x")  # (no import yet)
     sys.modules.pop("evaluate", None)
-    medlora.harness._lm_eval()
+    medlora.evaluation.harness._lm_eval()
     assert "site-packages" in sys.modules["evaluate"].__file__ and hasattr(sys.modules["evaluate"], "load")
 
 
