@@ -34,6 +34,7 @@ def pretrain(
     data_path: str = DEFAULT_DATA,
     output_dir: str = "./pt-medlora",
     text_field: str = "text",
+    skip_bad_records: bool = False,
     block_size: int = 512,
     use_lora: bool = True,
     # training hyperparameters
@@ -73,6 +74,7 @@ def pretrain(
         data_path: A .txt file (one document a line), a .jsonl/.json file of {"text": ...} records, or a folder of them.
         output_dir: Where the adapter (or full model), tokenizer, medlora_run.json and checkpoints go.
         text_field: The field that holds the document in .jsonl/.json records.
+        skip_bad_records: Drop invalid records of .json/.jsonl files (each listed in the summary) instead of stopping with a list of them.
         block_size: Tokens per training block; documents are joined with EOS and cut into blocks of exactly this size.
         use_lora: Train a LoRA adapter (True) or every weight of the model (False; needs memory for the full optimizer state).
         batch_size: Blocks per optimizer step, all processes together.
@@ -128,7 +130,7 @@ def pretrain(
 
     # ---- data: every document read, tokenized and cut into blocks once (on rank 0), before the model loads --
     def prepare_data():
-        loaded = load_documents(data_path, text_field)
+        loaded = load_documents(data_path, text_field, skip_bad_records)
         documents = list(loaded.documents)
         train_documents, val_documents = split_validation(documents, val_set_size, seed, "documents")
         model_path = resolve_base_model(base_model)

@@ -166,6 +166,18 @@ def test_text_records_folders_and_their_errors(tmp_path):
             load_documents(bad)
     with pytest.raises(MedLoRAError, match="must be at least 2"):
         group_into_blocks([[1, 2]], 1)
+    # Every bad record in one run; --skip_bad_records keeps the rest and lists the skipped ones.
+    bad.write_text('{"text": "ok"}\n{"content": 1}\n{"text": ""}\n{"text": "fine"}\n', encoding="utf-8")
+    with pytest.raises(MedLoRAError) as raised:
+        load_documents(bad)
+    assert str(raised.value).splitlines() == [
+        f"{bad}: 2 bad records (nothing was written; --skip_bad_records drops them and trains on the rest):",
+        f"  {bad}: record 2: field 'text': missing (choose the field with --text_field)",
+        f"  {bad}: record 3: field 'text': empty"]
+    kept = load_documents(bad, skip_bad_records=True)
+    assert kept.documents == ["ok", "fine"]
+    assert kept.describe().splitlines()[1:] == [f"  skipped: {bad}: record 2: field 'text': missing (choose the "
+                                                "field with --text_field)", f"  skipped: {bad}: record 3: field 'text': empty"]
 
 
 # ---- preference data ---------------------------------------------------------------------------------------

@@ -13,7 +13,12 @@ one-line MedLoRAErrors naming the file, the record and the field.
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medlora.data.records import parse_json_records, read_text
+from medlora.data.records import (
+    MAX_PROBLEMS_SHOWN,
+    parse_json_records,
+    read_text,
+    refuse_bad_records,
+)
 from medlora.errors import MedLoRAError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -23,9 +28,14 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 class LoadedText:
     documents: list
     sources: dict = field(default_factory=dict)  # file -> document count
+    skipped_records: list = field(default_factory=list)  # --skip_bad_records: "file: record N: field: reason"
 
     def describe(self) -> str:
-        return "; ".join(f"{source}: {count} documents" for source, count in self.sources.items())
+        lines = ["; ".join(f"{source}: {count} documents" for source, count in self.sources.items())]
+        if self.skipped_records:
+            lines[0] += f"; {len(self.skipped_records)} records skipped (--skip_bad_records)"
+            lines += [f"  skipped: {problem}" for problem in self.skipped_records[:MAX_PROBLEMS_SHOWN]]
+        return "\n".join(lines)
 
 
 @dataclass
@@ -36,7 +46,7 @@ class Blocks:
     dropped_tokens: int = 0  # the tail shorter than one block
 
 
-def load_documents(data_path, text_field: str = "text") -> LoadedText:
+def load_documents(data_path, text_field: str = "text", skip_bad_records: bool = False) -> LoadedText:
     """Every document of a .txt/.jsonl/.json file or of a folder of them (sorted by name)."""
     path = Path(str(data_path)).expanduser()
     if path.is_dir():
@@ -51,7 +61,8 @@ def load_documents(data_path, text_field: str = "text") -> LoadedText:
         raise MedLoRAError(f"{data_path}: no such file or folder")
     loaded = LoadedText([])
     for file in files:
-        documents = read_text_file(file, text_field)
+        documents, skipped = read_text_file(file, text_field, skip_bad_records)
+        loaded.skipped_records += skipped
         if not documents:
             raise MedLoRAError(f"{file}: no documents (empty file)")
         loaded.documents += documents
@@ -59,25 +70,33 @@ def load_documents(data_path, text_field: str = "text") -> LoadedText:
     return loaded
 
 
-def read_text_file(path: Path, text_field: str) -> list:
+def read_text_file(path: Path, text_field: str, skip_bad_records: bool = False) -> tuple:
+    """(documents, problems of skipped records) of one file: each non-empty line of a .txt, else each record's
+    text_field. Every record is checked before any is refused, so one run lists all the bad ones."""
     text = read_text(path)
     if path.suffix == ".txt":
-        return [line.strip() for line in text.splitlines() if line.strip()]
-    documents = []
+        return [line.strip() for line in text.splitlines() if line.strip()], []
+    documents, problems = [], []
     for number, record in parse_json_records(text, path):
-        where = f"{path}: record {number}"
-        if not isinstance(record, dict):
-            raise MedLoRAError(f"{where}: expected a JSON object with a '{text_field}' field, "
-                               f"got {type(record).__name__}")
-        value = record.get(text_field)
-        if value is None:
-            raise MedLoRAError(f"{where}: field '{text_field}': missing (choose the field with --text_field)")
-        if not isinstance(value, str):
-            raise MedLoRAError(f"{where}: field '{text_field}': expected a string, got {type(value).__name__}")
-        if not value.strip():
-            raise MedLoRAError(f"{where}: field '{text_field}': empty")
-        documents.append(value.strip())
-    return documents
+        try:
+            documents.append(document_text(record, text_field, f"{path}: record {number}"))
+        except MedLoRAError as problem:
+            problems.append(str(problem))
+    refuse_bad_records(path, problems, skip_bad_records, kept=len(documents))
+    return documents, problems
+
+
+def document_text(record, text_field: str, where: str) -> str:
+    if not isinstance(record, dict):
+        raise MedLoRAError(f"{where}: expected a JSON object with a '{text_field}' field, got {type(record).__name__}")
+    value = record.get(text_field)
+    if value is None:
+        raise MedLoRAError(f"{where}: field '{text_field}': missing (choose the field with --text_field)")
+    if not isinstance(value, str):
+        raise MedLoRAError(f"{where}: field '{text_field}': expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise MedLoRAError(f"{where}: field '{text_field}': empty")
+    return value.strip()
 
 
 def tokenize_documents(tokenizer, documents: list, batch_size: int = 1000) -> list:

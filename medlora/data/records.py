@@ -130,6 +130,13 @@ def validate_records(data_path, field_map, detect, convert, skip_bad_records=Fal
             except MedLoRAError as problem:
                 problems.append(str(problem))
         formats[source] = (fmt or "unknown", len(records))
+    refuse_bad_records(data_path, problems, skip_bad_records, kept=len(items))
+    return items, formats, problems
+
+
+def refuse_bad_records(data_path, problems: list, skip_bad_records: bool, kept: int) -> None:
+    """Stop with every problem found (one line for one; else the first MAX_PROBLEMS_SHOWN and the count of the
+    rest), unless skip_bad_records and some record is left."""
     if len(problems) == 1 and not skip_bad_records:
         raise MedLoRAError(problems[0])
     if problems and not skip_bad_records:
@@ -137,9 +144,8 @@ def validate_records(data_path, field_map, detect, convert, skip_bad_records=Fal
         more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
         raise MedLoRAError(f"{data_path}: {len(problems)} bad record{'s' if len(problems) > 1 else ''} (nothing was "
                            f"written; --skip_bad_records drops them and trains on the rest):\n  {shown}{more}")
-    if not items:
+    if problems and not kept:
         raise MedLoRAError(f"{data_path}: every record is bad; the first: {problems[0]}")
-    return items, formats, problems
 
 
 def skip_reasons(problems: list) -> Counter:
