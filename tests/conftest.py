@@ -34,6 +34,21 @@ def shared_dataset(relative: str) -> Path:
     return path
 
 
+def stage_function(script: str):
+    """The command function of a top-level script (finetune -> finetune.train), loaded from its file: a plain
+    `import evaluate` may find Hugging Face's evaluate library, which lm-eval's tests import first."""
+    import importlib.util
+
+    name = f"medlora_script_{script}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / f"{script}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    module = sys.modules[name]
+    return next(getattr(module, attribute) for attribute in ("train", "pretrain", "main") if hasattr(module, attribute))
+
+
 def run_script(*args, check=True, timeout=600, **kwargs) -> subprocess.CompletedProcess:
     """Run a top-level script of the project (e.g. run_script("finetune.py", "--max_steps", "2"))."""
     result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,

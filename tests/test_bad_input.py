@@ -6,14 +6,13 @@ the table stays quick; tests/test_cli.py and tests/test_run_folder.py run some o
 """
 
 import contextlib
-import importlib
 import io
 import json
 import sys
 
 import pytest
 
-from tests.conftest import TINY
+from tests.conftest import TINY, stage_function
 
 GOOD_SFT = [{"instruction": "What helps a sore throat?", "output": "Rest, fluids and lozenges."}] * 4
 GOOD_PAIRS = [{"prompt": "What helps a sore throat?", "chosen": "Rest and fluids; see a doctor if it lasts.",
@@ -38,8 +37,7 @@ def run_command(script: str, argv: list) -> tuple:
     """(exit status, stderr) of `python script.py argv...`, run in this process through the same cli.run."""
     from medlora import cli
 
-    module = importlib.import_module(script)
-    function = next(getattr(module, name) for name in ("train", "pretrain", "main") if hasattr(module, name))
+    function = stage_function(script)
     saved_argv, sys.argv = sys.argv, [f"{script}.py", *map(str, argv)]
     stderr = io.StringIO()
     try:

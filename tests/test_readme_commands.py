@@ -5,17 +5,10 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, run_script, stage_function
 
 STAGE_SCRIPTS = ["finetune", "pretrain", "dpo", "reward", "rl", "chat", "generate", "serve", "evaluate", "export_gguf",
                  "export_hf_checkpoint", "export_state_dict_checkpoint"]
-
-
-def stage_function(script: str):
-    import importlib
-
-    module = importlib.import_module(script)
-    return next(getattr(module, name) for name in ("train", "pretrain", "main") if hasattr(module, name))
 
 
 def test_every_flag_of_every_script_has_a_description():
