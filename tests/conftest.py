@@ -80,3 +80,14 @@ def tiny_adapter(tmp_path_factory, tiny_model_path) -> Path:
                "--micro_batch_size", 4, "--val_set_size", 0, "--warmup_steps", 0, "--learning_rate", 1e-2,
                "--lora_target_modules", "all-linear", "--cutoff_len", 128, "--save_steps", 1000)
     return output_dir
+
+
+# Fixtures that run a training stage or start a browser; a test that uses one (directly or through another
+# fixture) is slow, whatever its own body does. `pytest -m "not slow"` then keeps the quick unit tests only.
+SLOW_FIXTURES = {"tiny_adapter", "quick_run", "trained", "pt_adapter", "reward_model", "rl_policy", "demo", "browser"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
