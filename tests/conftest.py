@@ -49,6 +49,14 @@ def stage_function(script: str):
     return next(getattr(module, attribute) for attribute in ("train", "pretrain", "main") if hasattr(module, attribute))
 
 
+def sigint_as_a_terminal_sends_it():
+    """preexec_fn for a child that must see Ctrl-C: a shell starts background jobs (a CI runner's, `cmd &`) with
+    SIGINT ignored, and children inherit that, so Python would never raise KeyboardInterrupt in them."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_script(*args, check=True, timeout=600, **kwargs) -> subprocess.CompletedProcess:
     """Run a top-level script of the project (e.g. run_script("finetune.py", "--max_steps", "2"))."""
     result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,

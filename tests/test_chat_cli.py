@@ -10,7 +10,7 @@ import pexpect
 import pytest
 
 from medlora.inference.generation import ChatModel, GenerationSettings
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, run_script, sigint_as_a_terminal_sends_it
 
 GREEDY_FLAGS = ["--temperature", "0", "--repetition_penalty", "3", "--max_new_tokens", "12"]
 GREEDY = GenerationSettings(temperature=0, repetition_penalty=3.0, max_new_tokens=12)
@@ -25,7 +25,8 @@ def adapter_chat(tiny_adapter):
 
 def spawn_chat(tiny_adapter, *flags):
     child = pexpect.spawn(sys.executable, ["chat.py", "--lora_weights", str(tiny_adapter), *flags], cwd=str(ROOT),
-                          env=dict(os.environ), encoding="utf-8", timeout=120, dimensions=(40, 500))
+                          env=dict(os.environ), encoding="utf-8", timeout=120, dimensions=(40, 500),
+                          preexec_fn=sigint_as_a_terminal_sends_it)
     child.expect("Not medical advice")
     child.expect("You: ")
     return child

@@ -111,13 +111,13 @@ def test_ctrl_c_during_training_says_where_it_stopped_and_how_to_resume(tmp_path
     import time
 
     from medlora.run_folder import CHECKPOINT_COMPLETE
-    from tests.conftest import ROOT, TINY
+    from tests.conftest import ROOT, TINY, sigint_as_a_terminal_sends_it
 
     output_dir = tmp_path / "out"
     process = subprocess.Popen(
         [sys.executable, "finetune.py", "--base_model", TINY, "--output_dir", str(output_dir), "--max_steps", "500",
          "--batch_size", "4", "--micro_batch_size", "4", "--val_set_size", "0", "--cutoff_len", "64", "--save_steps", "2"],
-        cwd=ROOT, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        cwd=ROOT, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=sigint_as_a_terminal_sends_it)
     deadline = time.time() + 300
     while not (output_dir / "checkpoint-2" / CHECKPOINT_COMPLETE).exists():
         assert process.poll() is None and time.time() < deadline, "no checkpoint was written"
