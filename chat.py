@@ -20,6 +20,8 @@ import sys
 
 from medlora import cli
 from medlora.errors import MedLoRAError
+from medlora.flag_groups import DEVICE, GENERATION, KNOWLEDGE, MODEL
+from medlora.flags import FlagGroup, stage_flags
 from medlora.inference.generation import DISCLAIMER, GenerationSettings
 
 USER_PROMPT = "You: "
@@ -27,66 +29,51 @@ ASSISTANT_PREFIX = "Assistant: "
 HELP = "commands: /reset, /system <text>, /exit (or Ctrl-D); Ctrl-C stops an answer"
 
 
-def main(
-    # model (as in generate.py)
-    base_model: str = "",  # hub id, local folder or builtin:NAME; default: the adapter's base, else builtin:smollm2-135m-instruct
-    lora_weights: str = "",  # adapter folder (or hub id); empty: the base (or merged) model alone
-    load_in_8bit: bool = False,
-    load_in_4bit: bool = False,
-    prompt_template_name: str = "",  # a name in templates/; default: the adapter's template, else alpaca
-    device: str = "",  # cuda, cuda:1, mps or cpu; default: the first available of these
-    precision: str = "auto",  # auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16
-    trust_remote_code: bool = False,
-    # generation
-    temperature: float = 0.7,  # 0: greedy
-    top_p: float = 0.9,
-    top_k: int = 40,
-    num_beams: int = 1,  # > 1: beam search (the answer is printed at once)
-    max_new_tokens: int = 256,
-    repetition_penalty: float = 1.1,
-    system: str | None = None,  # system prompt; default: the template's
-    prompt: str = "",  # answer this one question, print the answer and exit
-    compare: bool = False,  # with --prompt: answer with the base model (adapter disabled), then with the adapter
-    # knowledge
-    knowledge_path: str = "",  # a .csv/.jsonl/.json/.txt/.md file or a folder of them to answer from (docs/retrieval.md)
-    knowledge_top_k: int = 3,  # passages put into the prompt for each question
-):
-    """Chat with BASE_MODEL + LORA_WEIGHTS in the terminal (or answer --prompt once)."""
-    settings = GenerationSettings(temperature, top_p, top_k, num_beams, max_new_tokens, repetition_penalty).validate()
-    if system is not None:
-        system = str(system)
+@stage_flags(
+    MODEL,
+    DEVICE,
+    GENERATION,
+    FlagGroup("one question", prompt="", compare=False),
+    KNOWLEDGE,
+)
+def main(flags):
+    """Chat with BASE_MODEL + LORA_WEIGHTS in the terminal (or answer --prompt once).
+
+    Args:
+        prompt: Answer this one question, print the answer and exit.
+        compare: With --prompt: answer with the base model (adapter disabled), then with the adapter.
+    """
+    settings = GenerationSettings.from_flags(flags)
+    system = None if flags.system is None else str(flags.system)
     from medlora.inference.generation import ChatModel
     from medlora.inference.retrieval import load_knowledge
 
-    knowledge = load_knowledge(knowledge_path, knowledge_top_k)  # None without --knowledge_path
+    knowledge = load_knowledge(flags.knowledge_path, flags.knowledge_top_k)  # None without --knowledge_path
 
     # In one-shot mode stdout carries only the answer; everything else goes to stderr.
-    notes = sys.stderr if prompt else sys.stdout
-    print(DISCLAIMER, file=notes, flush=True)
-    chat = ChatModel.load(base_model, lora_weights, load_in_8bit, load_in_4bit, prompt_template_name, device, precision,
-                          trust_remote_code)
+    print(DISCLAIMER, file=sys.stderr if flags.prompt else sys.stdout, flush=True)
+    chat = ChatModel.load(flags.base_model, flags.lora_weights, flags.load_in_8bit, flags.load_in_4bit,
+                          flags.prompt_template_name, flags.device, flags.precision, flags.trust_remote_code)
     print(f"model: {chat.describe()}", file=sys.stderr, flush=True)
     if knowledge:
         print(f"knowledge: {knowledge.describe()}", file=sys.stderr, flush=True)
 
-    if compare:
-        if not (prompt and lora_weights):
+    question = [{"role": "user", "content": str(flags.prompt)}]
+    if flags.compare:
+        if not (flags.prompt and flags.lora_weights):
             raise MedLoRAError("--compare needs --prompt and --lora_weights (the base answers with the adapter disabled)")
-        messages = [{"role": "user", "content": str(prompt)}]
-        print(f"question: {prompt}\n", flush=True)
+        print(f"question: {flags.prompt}\n", flush=True)
         for label, disabled in (("base model (adapter disabled)", True), ("tuned model", False)):
             print(f"--- {label} ---", flush=True)
             with chat.model.disable_adapter() if disabled else contextlib.nullcontext():
-                stream_answer(chat, messages, system, settings, "", knowledge)
+                stream_answer(chat, question, system, settings, "", knowledge)
             print(flush=True)
-        return None
-    if prompt:
-        answer, _ = stream_answer(chat, [{"role": "user", "content": str(prompt)}], system, settings, "", knowledge)
+    elif flags.prompt:
+        answer, _ = stream_answer(chat, question, system, settings, "", knowledge)
         if not answer:
             print("(the model gave an empty answer)", file=sys.stderr)
-        return None
-    chat_loop(chat, system, settings, knowledge)
-    return None
+    else:
+        chat_loop(chat, system, settings, knowledge)
 
 
 def chat_loop(chat, system, settings, knowledge) -> None:

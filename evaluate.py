@@ -1,4 +1,4 @@
-"""Score a base model and a LoRA adapter on medical multiple-choice questions (MedQA, MedMCQA, PubMedQA
+r"""Score a base model and a LoRA adapter on medical multiple-choice questions (MedQA, MedMCQA, PubMedQA
 formats) and on the perplexity of held-out chat data, side by side.
 
     python evaluate.py --lora_weights ./lora-medlora --data_path data/eval/medqa_style_sample.jsonl --compare
@@ -23,10 +23,13 @@ Scores on benchmarks are not evidence of clinical safety.
 import json
 import os
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 from medlora import cli
 from medlora.errors import MedLoRAError
+from medlora.flag_groups import MODEL
+from medlora.flags import Flag, FlagGroup, stage_flags
 from medlora.models.builtin import DEFAULT_BASE_MODEL, default_template_for
 from medlora.paths import DATA_DIR
 
@@ -34,135 +37,184 @@ DEFAULT_DATA = str(DATA_DIR / "eval")
 METHODS = ("loglik", "generate", "perplexity")
 
 
-def main(
-    base_model: str = "",  # hub id or local folder (or a merged export); default: the adapter's base, else builtin:smollm2-135m-instruct
-    lora_weights: str = "",  # LoRA adapter folder; empty scores the base model alone
-    data_path: str = DEFAULT_DATA,  # question file (.json/.jsonl), a folder of them, or "a.jsonl,b.jsonl"
-    method: str = "loglik",  # loglik (acc, acc_norm, acc_bytes), generate (greedy reply, letter extracted) or perplexity (replies only)
-    num_fewshot: int = 0,  # solved examples before each question (with --harness: lm-eval's num_fewshot)
-    fewshot_path: str = "",  # question file to draw examples from; default: the same file, minus the question
-    limit: int = 0,  # score only the first N questions of each file (or lm-eval task), and N held-out records (0: all)
-    batch_size: int = 8,  # sequences per forward pass
-    prompt_template_name: str = "",  # default: the adapter's template (medlora_run.json), else alpaca
-    output_file: str = "",  # JSON report with per-question predictions and option scores
-    compare: bool = False,  # score the base (adapter disabled) and the adapter in one run
-    load_in_4bit: bool = False,
-    load_in_8bit: bool = False,
-    perplexity_path: str = "",  # held-out SFT data (any format finetune.py reads); --method perplexity: default, the adapter's validation records
-    cutoff_len: int | None = None,  # perplexity truncation; default: the adapter's cutoff_len, else 256
-    max_new_tokens: int = 32,  # --method generate: reply length
-    seed: int = 42,  # few-shot example draw
-    trust_remote_code: bool = False,
-    harness: str = "",  # "lm_eval": run lm-evaluation-harness's --tasks on the loaded model instead of --data_path
-    tasks: str = "",  # --harness lm_eval: task names, e.g. medqa_4options,medmcqa,pubmedqa,mmlu_clinical_knowledge
-    include_path: str = "",  # --harness lm_eval: a folder of your own lm-eval task YAML files
-):
-    """Evaluate BASE_MODEL (+ LORA_WEIGHTS) on the questions in DATA_PATH, or on lm-eval's TASKS with --harness lm_eval."""
-    from medlora.data.questions import load_question_file, pick_fewshot, question_files
-    from medlora.data.records import load_conversations
-    from medlora.data.templates import PromptTemplate
-    from medlora.evaluation.report import (
-        ModelResults,
-        Section,
-        comparisons,
-        perplexity_label,
-        summary_table,
-    )
-    from medlora.evaluation.scoring import Evaluator
-    from medlora.run_folder import RunFolder
+@stage_flags(
+    MODEL.without("precision"),
+    FlagGroup("questions", data_path=DEFAULT_DATA, method="loglik", num_fewshot=0, fewshot_path="", limit=0,
+              batch_size=8, output_file="", compare=False, max_new_tokens=32, seed=42),
+    FlagGroup("perplexity", perplexity_path="", cutoff_len=Flag(None, int | None)),
+    FlagGroup("lm-evaluation-harness", harness="", tasks="", include_path=""),
+)
+def main(flags):
+    """Evaluate BASE_MODEL (+ LORA_WEIGHTS) on the questions in DATA_PATH, or on lm-eval's TASKS with --harness lm_eval.
 
-    # ---- check flags and read every question before any model loads ------------------------------------------
-    if method not in METHODS:
-        raise MedLoRAError(f"--method: unknown value {method!r}; use loglik, generate or perplexity")
-    if compare and not lora_weights:
+    Args:
+        base_model: Hub id or local folder (or a merged export); default: the adapter's base, else builtin:smollm2-135m-instruct.
+        lora_weights: LoRA adapter folder; empty scores the base model alone.
+        prompt_template_name: Default: the adapter's template (medlora_run.json), else the base model's own, else alpaca.
+        data_path: Question file (.json/.jsonl), a folder of them, or "a.jsonl,b.jsonl".
+        method: loglik (acc, acc_norm, acc_bytes), generate (greedy reply, letter extracted) or perplexity (replies only).
+        num_fewshot: Solved examples before each question (with --harness: lm-eval's num_fewshot).
+        fewshot_path: Question file to draw examples from; default: the same file, minus the question.
+        limit: Score only the first N questions of each file (or lm-eval task), and N held-out records (0: all).
+        batch_size: Sequences per forward pass.
+        output_file: JSON report with per-question predictions and option scores.
+        compare: Score the base (adapter disabled) and the adapter in one run.
+        max_new_tokens: --method generate: reply length.
+        seed: Few-shot example draw.
+        perplexity_path: Held-out SFT data (any format finetune.py reads); --method perplexity: default, the adapter's validation records.
+        cutoff_len: Perplexity truncation; default: the adapter's cutoff_len, else 256.
+        harness: "lm_eval": run lm-evaluation-harness's --tasks on the loaded model instead of --data_path.
+        tasks: --harness lm_eval: task names, e.g. medqa_4options,medmcqa,pubmedqa,mmlu_clinical_knowledge.
+        include_path: --harness lm_eval: a folder of your own lm-eval task YAML files.
+    """
+    check_flags(flags)
+    inputs = read_inputs(flags)  # every question and record read and checked before any model loads
+
+    from medlora.models.loading import load_for_inference
+
+    loaded = load_for_inference(flags.base_model or (None if flags.lora_weights else DEFAULT_BASE_MODEL),
+                                inputs.run if flags.lora_weights else None, flags.load_in_4bit, flags.load_in_8bit,
+                                trust_remote_code=flags.trust_remote_code)
+    if flags.compare:
+        runs = {"base": loaded.model.disable_adapter(), "adapter": nullcontext()}
+    else:
+        runs = {"adapter" if flags.lora_weights else "model": nullcontext()}
+    results, sections = score(flags, inputs, loaded, runs)
+    report(flags, inputs, results, sections)
+
+
+@dataclass
+class EvaluationInputs:
+    run: object  # the adapter's (or merged export's) RunFolder, or None
+    template: object
+    question_sets: list  # (QuestionFile, questions scored, few-shot examples per question)
+    held_out: list | None  # conversations whose replies' perplexity is measured
+    perplexity_path: str  # where held_out came from, for the report
+    cutoff_len: int
+    task_names: list | None = None  # --harness lm_eval
+    task_manager: object = None
+
+
+def check_flags(flags) -> None:
+    if flags.method not in METHODS:
+        raise MedLoRAError(f"--method: unknown value {flags.method!r}; use loglik, generate or perplexity")
+    if flags.compare and not flags.lora_weights:
         raise MedLoRAError("--compare needs --lora_weights (the base is scored with the adapter disabled)")
-    if batch_size < 1 or num_fewshot < 0 or limit < 0:
+    if flags.batch_size < 1 or flags.num_fewshot < 0 or flags.limit < 0:
         raise MedLoRAError("--batch_size must be >= 1, --num_fewshot and --limit >= 0")
-    if harness not in ("", "lm_eval"):
-        raise MedLoRAError(f"--harness: unknown value {harness!r}; use lm_eval (or leave it out)")
-    if harness:
-        given = [flag for flag, used in (("--method", method != "loglik"), ("--data_path", data_path != DEFAULT_DATA),
-                                         ("--fewshot_path", fewshot_path), ("--perplexity_path", perplexity_path),
-                                         ("--prompt_template_name", prompt_template_name)) if used]
+    if flags.harness not in ("", "lm_eval"):
+        raise MedLoRAError(f"--harness: unknown value {flags.harness!r}; use lm_eval (or leave it out)")
+    if flags.harness:
+        given = [flag for flag, used in (("--method", flags.method != "loglik"),
+                                         ("--data_path", flags.data_path != DEFAULT_DATA),
+                                         ("--fewshot_path", flags.fewshot_path),
+                                         ("--perplexity_path", flags.perplexity_path),
+                                         ("--prompt_template_name", flags.prompt_template_name)) if used]
         if given:
             raise MedLoRAError(f"--harness lm_eval runs lm-eval's own tasks and prompts; {', '.join(given)} "
                                f"{'does' if len(given) == 1 else 'do'} not apply to it")
-        from medlora.evaluation import harness as lm_harness
-
-        task_names = lm_harness.task_names(tasks)
-        manager = lm_harness.task_manager(task_names, include_path)  # unknown task names fail before the model loads
-    elif tasks or include_path:
+    elif flags.tasks or flags.include_path:
         raise MedLoRAError("--tasks and --include_path are for --harness lm_eval")
+
+
+def read_inputs(flags) -> EvaluationInputs:
+    """The run folder, template, question sets with their few-shot examples, and held-out records."""
+    from medlora.data.questions import load_question_file, pick_fewshot, question_files
+    from medlora.data.records import load_conversations
+    from medlora.data.templates import PromptTemplate
+    from medlora.run_folder import RunFolder
+
+    base_model, lora_weights = flags.base_model, flags.lora_weights
     run = RunFolder.adapter(lora_weights) if lora_weights else (  # (a merged export carries the settings too)
         RunFolder(base_model) if base_model and Path(base_model).is_dir() else None)
     settings = run.settings if run else {}
-    template = PromptTemplate.load(prompt_template_name or settings.get("prompt_template_name") or default_template_for(
-        base_model or settings.get("base_model") or DEFAULT_BASE_MODEL))
-    files = [] if method == "perplexity" or harness else [load_question_file(path) for path in question_files(data_path)]
-    fewshot_pool = load_question_file(fewshot_path).questions if fewshot_path else None
+    template = PromptTemplate.load(flags.prompt_template_name or settings.get("prompt_template_name")
+                                   or default_template_for(base_model or settings.get("base_model") or DEFAULT_BASE_MODEL))
+    task_names = task_manager = None
+    if flags.harness:
+        from medlora.evaluation import harness as lm_harness
+
+        task_names = lm_harness.task_names(flags.tasks)
+        task_manager = lm_harness.task_manager(task_names, flags.include_path)  # unknown names fail here
+    files = ([] if flags.method == "perplexity" or flags.harness
+             else [load_question_file(path) for path in question_files(flags.data_path)])
+    fewshot_pool = load_question_file(flags.fewshot_path).questions if flags.fewshot_path else None
     question_sets = []
     for qfile in files:
-        questions = qfile.questions[:limit] if limit else qfile.questions
+        questions = qfile.questions[:flags.limit] if flags.limit else qfile.questions
         pool = fewshot_pool if fewshot_pool is not None else qfile.questions
-        question_sets.append((qfile, questions, pick_fewshot(questions, pool, num_fewshot, seed, fewshot_pool is None)))
+        question_sets.append((qfile, questions, pick_fewshot(questions, pool, flags.num_fewshot, flags.seed,
+                                                             fewshot_pool is None)))
+    perplexity_path = flags.perplexity_path
     held_out = load_conversations(perplexity_path).conversations if perplexity_path else None
-    if method == "perplexity" and held_out is None:
+    if flags.method == "perplexity" and held_out is None:
         held_out, perplexity_path = validation_records(settings, lora_weights)
-    if held_out is not None and limit:
-        held_out = held_out[:limit]
-    cutoff_len = cutoff_len or settings.get("cutoff_len") or 256
+    if held_out is not None and flags.limit:
+        held_out = held_out[:flags.limit]
+    return EvaluationInputs(run, template, question_sets, held_out, perplexity_path,
+                            flags.cutoff_len or settings.get("cutoff_len") or 256, task_names, task_manager)
 
-    # ---- model ------------------------------------------------------------------------------------------------
-    from medlora.models.loading import load_for_inference
 
-    loaded = load_for_inference(base_model or (None if lora_weights else DEFAULT_BASE_MODEL), run if lora_weights else None,
-                                load_in_4bit, load_in_8bit, trust_remote_code=trust_remote_code)
-    if compare:
-        runs = {"base": loaded.model.disable_adapter(), "adapter": nullcontext()}
-    else:
-        runs = {"adapter" if lora_weights else "model": nullcontext()}
+def score(flags, inputs: EvaluationInputs, loaded, runs: dict) -> tuple:
+    """(results per run, report sections): each run (the base with the adapter disabled, the adapter) scored."""
+    from medlora.evaluation.report import ModelResults, Section
+    from medlora.evaluation.scoring import Evaluator
 
-    # ---- score ------------------------------------------------------------------------------------------------
-    if harness:
-        results = lm_harness.score_runs(loaded.model, loaded.tokenizer, runs, task_names, manager, num_fewshot,
-                                        limit, batch_size)
-        sections = lm_harness.sections(next(iter(results.values())).tasks)
-    else:
-        evaluator = Evaluator(loaded.model, loaded.tokenizer, template, batch_size, max_new_tokens)
-        score = evaluator.loglik if method == "loglik" else evaluator.generate
-        results = {}
-        for name, context in runs.items():
-            results[name] = ModelResults()
-            with context:
-                for qfile, questions, shots in question_sets:
-                    task = score(questions, shots, desc=f"{name}: {Path(qfile.path).name}")
-                    results[name].tasks[qfile.path] = dict(format=qfile.format, method=method,
-                                                           num_fewshot=num_fewshot, **task)
-                if held_out is not None:
-                    results[name].perplexity = evaluator.perplexity(
-                        held_out, cutoff_len, settings.get("add_eos_token", True), desc=f"{name}: perplexity")
-        metrics = ("acc", "acc_norm", "acc_bytes") if method == "loglik" else ("acc", "unparsed")
-        sections = [Section(qfile.path, f"{Path(qfile.path).name} ({qfile.format}, {len(questions)} questions, "
-                                        f"{method}, {num_fewshot}-shot)", metrics)
-                    for qfile, questions, _ in question_sets]
+    if flags.harness:
+        from medlora.evaluation import harness as lm_harness
 
-    # ---- report -----------------------------------------------------------------------------------------------
-    print(summary_table(results, sections, perplexity_label(perplexity_path)))
-    if output_file:
-        report = {
-            "settings": {"base_model": base_model or settings.get("base_model") or DEFAULT_BASE_MODEL,
-                         "lora_weights": lora_weights, "prompt_template_name": None if harness else template.name,
-                         "method": method, "harness": lm_harness.describe() if harness else None,
-                         "tasks": task_names if harness else None, "include_path": include_path,
-                         "num_fewshot": num_fewshot, "fewshot_path": fewshot_path, "limit": limit, "seed": seed,
-                         "load_in_4bit": load_in_4bit, "load_in_8bit": load_in_8bit,
-                         "perplexity_path": perplexity_path, "cutoff_len": cutoff_len, "max_new_tokens": max_new_tokens},
+        results = lm_harness.score_runs(loaded.model, loaded.tokenizer, runs, inputs.task_names, inputs.task_manager,
+                                        flags.num_fewshot, flags.limit, flags.batch_size)
+        return results, lm_harness.sections(next(iter(results.values())).tasks)
+    evaluator = Evaluator(loaded.model, loaded.tokenizer, inputs.template, flags.batch_size, flags.max_new_tokens)
+    score_questions = evaluator.loglik if flags.method == "loglik" else evaluator.generate
+    add_eos_token = (inputs.run.settings if inputs.run else {}).get("add_eos_token", True)
+    results = {}
+    for name, context in runs.items():
+        results[name] = ModelResults()
+        with context:
+            for qfile, questions, shots in inputs.question_sets:
+                task = score_questions(questions, shots, desc=f"{name}: {Path(qfile.path).name}")
+                results[name].tasks[qfile.path] = dict(format=qfile.format, method=flags.method,
+                                                       num_fewshot=flags.num_fewshot, **task)
+            if inputs.held_out is not None:
+                results[name].perplexity = evaluator.perplexity(inputs.held_out, inputs.cutoff_len, add_eos_token,
+                                                                desc=f"{name}: perplexity")
+    metrics = ("acc", "acc_norm", "acc_bytes") if flags.method == "loglik" else ("acc", "unparsed")
+    sections = [Section(qfile.path, f"{Path(qfile.path).name} ({qfile.format}, {len(questions)} questions, "
+                                    f"{flags.method}, {flags.num_fewshot}-shot)", metrics)
+                for qfile, questions, _ in inputs.question_sets]
+    return results, sections
+
+
+def report(flags, inputs: EvaluationInputs, results: dict, sections: list) -> None:
+    """The side-by-side table, and with --output_file the JSON report (written atomically)."""
+    from medlora.evaluation.report import comparisons, perplexity_label, summary_table
+
+    print(summary_table(results, sections, perplexity_label(inputs.perplexity_path)))
+    if flags.output_file:
+        harness_name = None
+        if flags.harness:
+            from medlora.evaluation import harness as lm_harness
+
+            harness_name = lm_harness.describe()
+        settings = inputs.run.settings if inputs.run else {}
+        written = {
+            "settings": {"base_model": flags.base_model or settings.get("base_model") or DEFAULT_BASE_MODEL,
+                         "lora_weights": flags.lora_weights,
+                         "prompt_template_name": None if flags.harness else inputs.template.name,
+                         "method": flags.method, "harness": harness_name, "tasks": inputs.task_names,
+                         "include_path": flags.include_path, "num_fewshot": flags.num_fewshot,
+                         "fewshot_path": flags.fewshot_path, "limit": flags.limit, "seed": flags.seed,
+                         "load_in_4bit": flags.load_in_4bit, "load_in_8bit": flags.load_in_8bit,
+                         "perplexity_path": inputs.perplexity_path, "cutoff_len": inputs.cutoff_len,
+                         "max_new_tokens": flags.max_new_tokens},
             "results": {name: {"tasks": r.tasks, "perplexity": r.perplexity} for name, r in results.items()},
         }
-        if compare:
-            report["comparison"] = comparisons(results, sections)
-        write_json_atomically(output_file, report)
-        print(f"report: {output_file}")
+        if flags.compare:
+            written["comparison"] = comparisons(results, sections)
+        write_json_atomically(flags.output_file, written)
+        print(f"report: {flags.output_file}")
     print("Benchmark scores say nothing about clinical safety; model outputs are not medical advice.")
 
 

@@ -20,30 +20,25 @@ import gc
 import logging
 
 from medlora import cli
+from medlora.flag_groups import EXPORT
+from medlora.flags import FlagGroup, stage_flags
 
 CHECK_TEXTS = ["What are the early signs of type 2 diabetes?", "头痛和发烧应该怎么办？",
                "  Dose: 2 x 500 mg\tevery 8h (max. 4 g/day)!\n\nNext line"]
 
 
-def main(
-    base_model: str = "",  # empty: the base the adapter was trained on (from its medlora_run.json)
-    lora_weights: str = "./lora-medlora",  # the adapter folder finetune.py wrote
-    output_dir: str = "./gguf",  # gets model-<outtype>.gguf, Modelfile and medlora_export.json
-    outtype: str = "f16",  # f32, f16, bf16 or q8_0 (8-bit blocks, about half the size of f16)
-    prompt_template_name: str = "",  # empty: the template the adapter was trained with
-    force: bool = False,  # replace a non-empty output_dir
-    device: str = "cpu",  # where to merge and check: cpu, or cuda when the model fits in GPU memory
-):
+@stage_flags(
+    EXPORT.but(output_dir="./gguf").without("dtype", "trust_remote_code"),
+    FlagGroup("gguf", outtype="f16", prompt_template_name=""),
+)
+def main(flags):
     """Merge LORA_WEIGHTS into BASE_MODEL and write a GGUF file and an Ollama Modelfile to OUTPUT_DIR.
 
     Args:
-        base_model: Hub id, local folder or builtin:NAME to merge into; empty: the base the adapter was trained on (its medlora_run.json, else adapter_config.json).
         lora_weights: The adapter folder finetune.py wrote.
         output_dir: Folder that gets model-<outtype>.gguf, Modelfile and medlora_export.json; refused when not empty unless --force.
         outtype: Tensor type of the 2-D weights: f32 (exact), f16, bf16 or q8_0 (8-bit blocks, about half of f16); norms and biases stay f32.
         prompt_template_name: The template written as the GGUF chat template and the Modelfile TEMPLATE; empty: the one the adapter was trained with.
-        force: Replace a non-empty output_dir.
-        device: Where to merge and check: cpu, or cuda when the model fits in GPU memory.
     """
     import torch
     from transformers import AutoConfig
@@ -75,24 +70,24 @@ def main(
     from medlora.models.builtin import default_template_for
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if outtype not in OUTTYPES:
-        raise MedLoRAError(f"--outtype: unknown value {outtype!r}; use {', '.join(OUTTYPES)}")
-    inputs = resolve_inputs(base_model, lora_weights)
-    target = check_output_dir(output_dir, force, inputs)
+    if flags.outtype not in OUTTYPES:
+        raise MedLoRAError(f"--outtype: unknown value {flags.outtype!r}; use {', '.join(OUTTYPES)}")
+    inputs = resolve_inputs(flags.base_model, flags.lora_weights)
+    target = check_output_dir(flags.output_dir, flags.force, inputs)
     base_config = AutoConfig.from_pretrained(inputs.model_path)
     check_architecture(base_config)
-    template_name = (prompt_template_name or inputs.run_settings.get("prompt_template_name")
+    template_name = (flags.prompt_template_name or inputs.run_settings.get("prompt_template_name")
                      or default_template_for(inputs.base_model))
     template = PromptTemplate.load(template_name)
 
-    merged = merge_adapter(inputs, torch.float32, device)  # float32: --outtype rounds once, from exact weights
+    merged = merge_adapter(inputs, torch.float32, flags.device)  # float32: --outtype rounds once, from exact weights
     fields = chat_fields(template, merged.tokenizer)
     chat_template = merged.tokenizer.chat_template if template.uses_tokenizer_chat_template else jinja_chat_template(fields)
-    gguf_name = f"model-{outtype}.gguf"
+    gguf_name = f"model-{flags.outtype}.gguf"
     with staged_output(target) as staging:
-        print(f"writing {target / gguf_name} ({outtype})", flush=True)
+        print(f"writing {target / gguf_name} ({flags.outtype})", flush=True)
         summary = write_gguf(staging / gguf_name, merged.model, merged.tokenizer, find_tokenizer_model(inputs),
-                             OUTTYPES[outtype], f"MedLoRA {inputs.lora_weights.name} on {inputs.base_model}",
+                             OUTTYPES[flags.outtype], f"MedLoRA {inputs.lora_weights.name} on {inputs.base_model}",
                              chat_template)
         (staging / "Modelfile").write_text(modelfile_text(gguf_name, fields, template.stop, template_name),
                                            encoding="utf-8")
@@ -100,10 +95,10 @@ def main(
         gc.collect()
         gguf_model, gguf_tokenizer = load_gguf(staging / gguf_name)
         check_tokenization(gguf_tokenizer, merged.tokenizer, [CHECK_PROMPT, *CHECK_TEXTS])
-        difference, tolerance = check_logits(gguf_model.to(device), merged.prompt_ids, merged.reference_logits,
-                                             outtype, "GGUF file read back", OUTTYPES[outtype].relative_tolerance)
+        difference, tolerance = check_logits(gguf_model.to(flags.device), merged.prompt_ids, merged.reference_logits,
+                                             flags.outtype, "GGUF file read back", OUTTYPES[flags.outtype].relative_tolerance)
         write_export_note(staging, inputs, merged, "gguf", {
-            "gguf_file": gguf_name, "outtype": outtype, "prompt_template_name": template_name, **summary,
+            "gguf_file": gguf_name, "outtype": flags.outtype, "prompt_template_name": template_name, **summary,
             "gguf_max_logit_difference": difference, "gguf_logit_tolerance": tolerance})
 
     print(f"done: {inputs.lora_weights} merged into the {merged.merged_into} ({inputs.base_model}); "

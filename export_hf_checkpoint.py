@@ -1,4 +1,4 @@
-"""Merge a LoRA adapter into its base model and save a standalone Hugging Face checkpoint.
+r"""Merge a LoRA adapter into its base model and save a standalone Hugging Face checkpoint.
 
     python export_hf_checkpoint.py --lora_weights ./lora-medlora --output_dir ./hf_ckpt
     python export_hf_checkpoint.py --base_model meta-llama/Llama-3.1-8B --lora_weights ./lora-chatdoctor \
@@ -18,19 +18,21 @@ import gc
 import logging
 
 from medlora import cli
+from medlora.flag_groups import EXPORT
+from medlora.flags import FlagGroup, stage_flags
 
 
-def main(
-    base_model: str = "",  # empty: the base the adapter was trained on (from its medlora_run.json)
-    lora_weights: str = "./lora-medlora",  # the adapter folder finetune.py wrote
-    output_dir: str = "./hf_ckpt",  # where the merged Hugging Face checkpoint is written (refused if not empty)
-    dtype: str = "auto",  # auto (the base checkpoint's own dtype), float16, bfloat16 or float32
-    max_shard_size: str = "5GB",  # safetensors shard size, e.g. 2GB or 500MB
-    force: bool = False,  # replace a non-empty output_dir
-    device: str = "cpu",  # where to merge and check: cpu, or cuda when the model fits in GPU memory
-    trust_remote_code: bool = False,
-):
-    """Merge LORA_WEIGHTS into BASE_MODEL and save the result to OUTPUT_DIR."""
+@stage_flags(
+    EXPORT.but(output_dir="./hf_ckpt"),
+    FlagGroup("checkpoint", max_shard_size="5GB"),
+)
+def main(flags):
+    """Merge LORA_WEIGHTS into BASE_MODEL and save the result to OUTPUT_DIR.
+
+    Args:
+        output_dir: Where the merged Hugging Face checkpoint is written (refused if not empty unless --force).
+        max_shard_size: safetensors shard size, e.g. 2GB or 500MB.
+    """
     from medlora.export.merge import (
         check_output_dir,
         check_saved_checkpoint,
@@ -44,18 +46,18 @@ def main(
     )
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    inputs = resolve_inputs(base_model, lora_weights)
-    target = check_output_dir(output_dir, force, inputs)
-    torch_dtype = resolve_dtype(dtype, inputs.model_path, trust_remote_code)
+    inputs = resolve_inputs(flags.base_model, flags.lora_weights)
+    target = check_output_dir(flags.output_dir, flags.force, inputs)
+    torch_dtype = resolve_dtype(flags.dtype, inputs.model_path, flags.trust_remote_code)
 
-    merged = merge_adapter(inputs, torch_dtype, device, trust_remote_code)
+    merged = merge_adapter(inputs, torch_dtype, flags.device, flags.trust_remote_code)
     with staged_output(target) as staging:
         print(f"saving to {target}", flush=True)
-        save_hf_checkpoint(merged, inputs, staging, max_shard_size)
+        save_hf_checkpoint(merged, inputs, staging, flags.max_shard_size)
         write_export_note(staging, inputs, merged, "huggingface")
         merged.model = None  # free it before the saved copy is loaded back
         gc.collect()
-        check_saved_checkpoint(staging, merged, device, trust_remote_code)
+        check_saved_checkpoint(staging, merged, flags.device, flags.trust_remote_code)
 
     template = inputs.run_settings.get("prompt_template_name")
     print(f"done: {inputs.lora_weights} merged into the {merged.merged_into} ({inputs.base_model}), "

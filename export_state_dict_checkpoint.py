@@ -1,4 +1,4 @@
-"""Merge a LoRA adapter into a LLaMA-family base model (llama, mistral) and save it in Meta's layout:
+r"""Merge a LoRA adapter into a LLaMA-family base model (llama, mistral) and save it in Meta's layout:
 consolidated.00.pth + params.json (+ tokenizer.model), as Meta's reference code and older tools read it.
 
     python export_state_dict_checkpoint.py --lora_weights ./lora-medlora --output_dir ./ckpt
@@ -15,18 +15,17 @@ import json
 import logging
 
 from medlora import cli
+from medlora.flag_groups import EXPORT
+from medlora.flags import stage_flags
 
 
-def main(
-    base_model: str = "",  # empty: the base the adapter was trained on (from its medlora_run.json)
-    lora_weights: str = "./lora-medlora",  # the adapter folder finetune.py wrote
-    output_dir: str = "./ckpt",  # where consolidated.00.pth and params.json are written (refused if not empty)
-    dtype: str = "auto",  # auto (the base checkpoint's own dtype), float16, bfloat16 or float32
-    force: bool = False,  # replace a non-empty output_dir
-    device: str = "cpu",  # where to merge and check: cpu, or cuda when the model fits in GPU memory
-    trust_remote_code: bool = False,
-):
-    """Merge LORA_WEIGHTS into BASE_MODEL and save consolidated.00.pth and params.json to OUTPUT_DIR."""
+@stage_flags(EXPORT.but(output_dir="./ckpt"))
+def main(flags):
+    """Merge LORA_WEIGHTS into BASE_MODEL and save consolidated.00.pth and params.json to OUTPUT_DIR.
+
+    Args:
+        output_dir: Where consolidated.00.pth and params.json are written (refused if not empty unless --force).
+    """
     import torch
     from transformers import AutoConfig
 
@@ -45,13 +44,13 @@ def main(
     )
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    inputs = resolve_inputs(base_model, lora_weights)
-    target = check_output_dir(output_dir, force, inputs)
-    base_config = AutoConfig.from_pretrained(inputs.model_path, trust_remote_code=trust_remote_code)
+    inputs = resolve_inputs(flags.base_model, flags.lora_weights)
+    target = check_output_dir(flags.output_dir, flags.force, inputs)
+    base_config = AutoConfig.from_pretrained(inputs.model_path, trust_remote_code=flags.trust_remote_code)
     check_meta_layout_supported(base_config)
-    torch_dtype = resolve_dtype(dtype, inputs.model_path, trust_remote_code)
+    torch_dtype = resolve_dtype(flags.dtype, inputs.model_path, flags.trust_remote_code)
 
-    merged = merge_adapter(inputs, torch_dtype, device, trust_remote_code)
+    merged = merge_adapter(inputs, torch_dtype, flags.device, flags.trust_remote_code)
     tensors = meta_state_dict(merged.model, torch_dtype)
     params = meta_params(merged.model.config, vocab_size=tensors["tok_embeddings.weight"].shape[0])
     with staged_output(target) as staging:

@@ -1,4 +1,4 @@
-"""Continued pretraining (PT) of a causal LM on plain medical text, with LoRA, QLoRA or full weights.
+r"""Continued pretraining (PT) of a causal LM on plain medical text, with LoRA, QLoRA or full weights.
 
     python pretrain.py                                    # offline: built-in SmolLM2-135M-Instruct, data/pretrain/
     python pretrain.py --base_model Qwen/Qwen2.5-1.5B --data_path ../shared/datasets/medicalgpt/pretrain_fever_zh.txt \
@@ -17,56 +17,26 @@ validation perplexity before and after. The output folder holds a LoRA adapter (
 
 import logging
 import math
-import time
 
 from medlora import cli
 from medlora.errors import MedLoRAError
-from medlora.models.builtin import DEFAULT_BASE_MODEL
+from medlora.flag_groups import CHECKPOINTS, DATA, LORA, MODEL, TRAINING
+from medlora.flags import FlagGroup, stage_flags
 from medlora.paths import DATA_DIR
 
 DEFAULT_DATA = str(DATA_DIR / "pretrain")
 logger = logging.getLogger("pretrain")
 
 
-def pretrain(
-    # model and data
-    base_model: str = DEFAULT_BASE_MODEL,
-    data_path: str = DEFAULT_DATA,
-    output_dir: str = "./pt-medlora",
-    text_field: str = "text",
-    skip_bad_records: bool = False,
-    block_size: int = 512,
-    use_lora: bool = True,
-    # training hyperparameters
-    batch_size: int = 32,
-    micro_batch_size: int = 4,
-    num_epochs: int = 1,
-    max_steps: int = -1,
-    learning_rate: float = 2e-4,
-    warmup_steps: int = 10,
-    val_set_size: float = 0.05,
-    seed: int = 42,
-    # lora hyperparameters
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.05,
-    lora_target_modules: str | list | None = None,
-    # model loading
-    precision: str = "auto",
-    load_in_4bit: bool = False,
-    load_in_8bit: bool = False,
-    gradient_checkpointing: bool = False,
-    trust_remote_code: bool = False,
-    # logging, evaluation, checkpoints
-    logging_steps: int = 10,
-    eval_steps: int = 200,
-    save_steps: int = 200,
-    save_total_limit: int = 3,
-    report_to: str = "none",
-    wandb_project: str = "",
-    wandb_run_name: str = "",
-    resume_from_checkpoint: str | bool | None = None,
-):
+@stage_flags(
+    MODEL.without("lora_weights", "prompt_template_name"),
+    DATA.but(data_path=DEFAULT_DATA, output_dir="./pt-medlora").without("field_map"),
+    FlagGroup("text", text_field="text", block_size=512, use_lora=True),
+    TRAINING.but(learning_rate=2e-4, warmup_steps=10).without("cutoff_len"),
+    LORA,
+    CHECKPOINTS,
+)
+def pretrain(flags):
     """Continue pretraining BASE_MODEL on the plain text in DATA_PATH and save the result to OUTPUT_DIR.
 
     Args:
@@ -86,144 +56,109 @@ def pretrain(
         logging_steps: Log the training loss every this many optimizer steps.
         eval_steps: Evaluate on the validation blocks every this many optimizer steps.
     """
-    settings = dict(locals())  # the flags as given, saved in medlora_run.json
-    # Imported here, not at the top, so that --help answers without loading torch and transformers.
+    from medlora.training import distributed
+    from medlora.training.stage import TrainingStage
+
+    stage = TrainingStage("pretrain", flags)
+    data_description, model_path, train_blocks, val_blocks = distributed.run_once_and_share(
+        lambda: prepare_data(flags, stage))
+    model, tokenizer, targets = build_model(flags, stage, model_path)
+    if stage.is_main:
+        print_data_summary(flags, data_description, train_blocks, val_blocks, model)
+    trainer = build_trainer(flags, stage, model, tokenizer, train_blocks, val_blocks)
+    perplexity_before = perplexity(trainer) if val_blocks.blocks else None
+    result = trainer.train(resume_from_checkpoint=stage.resume_from_checkpoint)
+    perplexity_after = perplexity(trainer) if val_blocks.blocks else None
+
+    if stage.save(model, tokenizer, trainer, resolved_base_model=model_path,
+                  prompt_template_name=None,  # plain text: the SFT stage picks the chat template
+                  lora_target_modules=targets, validation_perplexity_before=perplexity_before,
+                  validation_perplexity_after=perplexity_after):
+        tokens = len(train_blocks.blocks) * flags.block_size * result.metrics.get("epoch", flags.num_epochs)
+        ppl = (f"; validation perplexity {perplexity_before:.2f} -> {perplexity_after:.2f}"
+               if perplexity_before is not None else "")
+        stage.done(trainer, result, f"{ppl}, ~{tokens / max(result.metrics['train_runtime'], 1e-9):.0f} tokens/s; "
+                                    f"{'adapter' if flags.use_lora else 'model'} in {flags.output_dir}")
+    return trainer
+
+
+def prepare_data(flags, stage) -> tuple:
+    """Every document read, split, tokenized and cut into blocks (on rank 0), before the model loads."""
     from medlora.data.pretraining import (
         group_into_blocks,
         load_documents,
         tokenize_documents,
     )
     from medlora.data.splits import split_validation
-    from medlora.flags import check_numeric_flags
+
+    loaded = load_documents(flags.data_path, flags.text_field, flags.skip_bad_records)
+    train_documents, val_documents = split_validation(list(loaded.documents), flags.val_set_size, flags.seed,
+                                                      "documents")
+    model_path, tokenizer = stage.data_tokenizer()
+    train_blocks = group_into_blocks(tokenize_documents(tokenizer, train_documents), flags.block_size)
+    if not train_blocks.blocks:
+        raise MedLoRAError(f"{flags.data_path}: the training documents hold {train_blocks.tokens} tokens, less than "
+                           f"one block of --block_size {flags.block_size}; lower --block_size")
+    val_tokens = tokenize_documents(tokenizer, val_documents)
+    val_blocks = group_into_blocks(val_tokens, flags.block_size)
+    if val_documents and not val_blocks.blocks:
+        # A small held-out split (the bundled notes) still gets a perplexity: one shorter block of all of it.
+        val_blocks = group_into_blocks(val_tokens, val_blocks.tokens)
+        logger.info("validation: the %d held-out documents hold %d tokens, less than --block_size %d: evaluated as "
+                    "one block of %d tokens", len(val_documents), val_blocks.tokens, flags.block_size,
+                    val_blocks.tokens)
+    return loaded.describe(), model_path, train_blocks, val_blocks
+
+
+def build_model(flags, stage, model_path) -> tuple:
+    """(model, tokenizer, LoRA targets): the base with a fresh adapter, or every weight with --use_lora False."""
     from medlora.models.loading import (
-        count_parameters,
-        fit_embeddings_to_tokenizer,
-        load_base_model,
-        load_tokenizer,
-        resolve_base_model,
         resolve_lora_targets,
-        resolve_precision,
         trainable_parameters_to_fp32,
     )
-    from medlora.training import distributed
-    from medlora.training.collators import PaddedCollator
-    from medlora.training.saving import save_trained_model
-    from medlora.training.trainer import (
-        LabelOnlyLossTrainer,
-        gradient_accumulation_steps_for,
-        prepare_quantized_for_training,
-        resolve_report_to,
-        resolve_resume_checkpoint,
-        shared_training_arguments,
-        training_loss_change,
-    )
 
-    started = time.time()
-    world_size, is_main = distributed.world_size(), distributed.is_main_process()
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
-    check_numeric_flags(settings)
-    gradient_accumulation_steps = gradient_accumulation_steps_for(batch_size, micro_batch_size)
-    if not use_lora and (load_in_4bit or load_in_8bit):
-        raise MedLoRAError("--load_in_4bit/--load_in_8bit need LoRA: quantized weights cannot be trained directly")
-    report_to = resolve_report_to(report_to, wandb_project)
-    resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
-
-    # ---- data: every document read, tokenized and cut into blocks once (on rank 0), before the model loads --
-    def prepare_data():
-        loaded = load_documents(data_path, text_field, skip_bad_records)
-        documents = list(loaded.documents)
-        train_documents, val_documents = split_validation(documents, val_set_size, seed, "documents")
-        model_path = resolve_base_model(base_model)
-        tokenizer = load_tokenizer(model_path, trust_remote_code)
-        train_blocks = group_into_blocks(tokenize_documents(tokenizer, train_documents), block_size)
-        if not train_blocks.blocks:
-            raise MedLoRAError(f"{data_path}: the training documents hold {train_blocks.tokens} tokens, less than "
-                               f"one block of --block_size {block_size}; lower --block_size")
-        val_tokens = tokenize_documents(tokenizer, val_documents)
-        val_blocks = group_into_blocks(val_tokens, block_size)
-        if val_documents and not val_blocks.blocks:
-            # A small held-out split (the bundled notes) still gets a perplexity: one shorter block of all of it.
-            val_blocks = group_into_blocks(val_tokens, val_blocks.tokens)
-            logging.getLogger("pretrain").info(
-                "validation: the %d held-out documents hold %d tokens, less than --block_size %d: evaluated as one "
-                "block of %d tokens", len(val_documents), val_blocks.tokens, block_size, val_blocks.tokens)
-        return loaded.describe(), model_path, train_blocks, val_blocks
-
-    data_description, model_path, train_blocks, val_blocks = distributed.run_once_and_share(prepare_data)
-
-    # ---- model ---------------------------------------------------------------------------------------------
-    import torch
-    import transformers
-
-    transformers.set_seed(seed)
-    precision_plan = resolve_precision(precision)
-    dtype = precision_plan.weights
-    tokenizer = load_tokenizer(model_path, trust_remote_code)
-    # Full training in fp16 keeps fp32 weights under autocast: fp16 trainable parameters underflow.
-    load_dtype = torch.float32 if (not use_lora and dtype == torch.float16) else dtype
-    model = load_base_model(model_path, load_dtype, load_in_4bit, load_in_8bit, trust_remote_code)
-    fit_embeddings_to_tokenizer(model, tokenizer)
-    if load_in_4bit or load_in_8bit:
-        model = prepare_quantized_for_training(model, gradient_checkpointing)
+    model, tokenizer = stage.load_model(model_path)
     targets = None
-    if use_lora:
+    if flags.use_lora:
         from peft import LoraConfig, get_peft_model
 
-        targets = resolve_lora_targets(model, lora_target_modules)
-        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                                 target_modules=targets, bias="none", task_type="CAUSAL_LM"))
+        targets = resolve_lora_targets(model, flags.lora_target_modules)
+        model = get_peft_model(model, LoraConfig(r=flags.lora_r, lora_alpha=flags.lora_alpha,
+                                                 lora_dropout=flags.lora_dropout, target_modules=targets, bias="none",
+                                                 task_type="CAUSAL_LM"))
     trainable_parameters_to_fp32(model)
-    trainable, total = count_parameters(model)
-    if is_main:
-        print("\n".join([
-            f"data: {data_description}",
-            f"documents: {train_blocks.documents + val_blocks.documents} read ({train_blocks.documents} train, "
-            f"{val_blocks.documents} validation), {train_blocks.tokens + val_blocks.tokens} tokens with EOS",
-            f"blocks of {block_size} tokens: {len(train_blocks.blocks)} train, {len(val_blocks.blocks)} validation; "
-            f"{train_blocks.dropped_tokens + val_blocks.dropped_tokens} tail tokens dropped",
-            f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
-        ]), flush=True)
+    model.config.use_cache = False
+    return model, tokenizer, targets
+
+
+def build_trainer(flags, stage, model, tokenizer, train_blocks, val_blocks):
+    """The label-only-loss Trainer on whole blocks (labels = input_ids: every token trained)."""
+    import transformers
+
+    from medlora.training.collators import PaddedCollator
+    from medlora.training.trainer import LabelOnlyLossTrainer
 
     as_dicts = lambda blocks: [{"input_ids": ids, "labels": ids} for ids in blocks.blocks]  # noqa: E731
-    args = transformers.TrainingArguments(
-        output_dir=output_dir,
-        **shared_training_arguments(
-            micro_batch_size=micro_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
-            num_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
-            dtype=dtype, autocast_bf16=precision_plan.autocast_bf16,
-            gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps,
-            save_steps=save_steps, save_total_limit=save_total_limit, report_to=report_to,
-            wandb_run_name=wandb_run_name, seed=seed, validation=bool(val_blocks.blocks), eval_steps=eval_steps),
-        remove_unused_columns=False,
-        prediction_loss_only=True,
-    )
-    trainer = LabelOnlyLossTrainer(
-        model=model,
-        args=args,
-        train_dataset=as_dicts(train_blocks),
-        eval_dataset=as_dicts(val_blocks) or None,
-        data_collator=PaddedCollator(tokenizer.pad_token_id),  # blocks are all block_size long: no padding
-    )
-    model.config.use_cache = False
-    perplexity_before = perplexity(trainer) if val_blocks.blocks else None
-    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    perplexity_after = perplexity(trainer) if val_blocks.blocks else None
+    args = stage.training_arguments(transformers.TrainingArguments, validation=bool(val_blocks.blocks),
+                                    train_examples=len(train_blocks.blocks), remove_unused_columns=False,
+                                    prediction_loss_only=True)
+    return LabelOnlyLossTrainer(model=model, args=args, train_dataset=as_dicts(train_blocks),
+                                eval_dataset=as_dicts(val_blocks) or None,
+                                data_collator=PaddedCollator(tokenizer.pad_token_id))  # equal-length blocks: no padding
 
-    # ---- save ----------------------------------------------------------------------------------------------
-    if trainer.is_world_process_zero():
-        settings.update(stage="pretrain", base_model=base_model, resolved_base_model=model_path,
-                        prompt_template_name=None,  # plain text: the SFT stage picks the chat template
-                        lora_target_modules=targets, dtype=str(dtype).replace("torch.", ""), world_size=world_size,
-                        gradient_accumulation_steps=gradient_accumulation_steps,
-                        validation_perplexity_before=perplexity_before, validation_perplexity_after=perplexity_after)
-        save_trained_model(model, tokenizer, output_dir, settings, trainer.state.log_history)
-        tokens = len(train_blocks.blocks) * block_size * result.metrics.get("epoch", num_epochs)
-        ppl = (f"; validation perplexity {perplexity_before:.2f} -> {perplexity_after:.2f}"
-               if perplexity_before is not None else "")
-        print(f"done in {time.time() - started:.0f}s: {result.global_step} steps, "
-              f"{training_loss_change(trainer.state.log_history)}{ppl}, ~{tokens / max(result.metrics['train_runtime'], 1e-9):.0f} tokens/s; "
-              f"{'adapter' if use_lora else 'model'} in {output_dir}")
-    return trainer
+
+def print_data_summary(flags, data_description, train_blocks, val_blocks, model):
+    from medlora.models.loading import count_parameters
+
+    trainable, total = count_parameters(model)
+    print("\n".join([
+        f"data: {data_description}",
+        f"documents: {train_blocks.documents + val_blocks.documents} read ({train_blocks.documents} train, "
+        f"{val_blocks.documents} validation), {train_blocks.tokens + val_blocks.tokens} tokens with EOS",
+        f"blocks of {flags.block_size} tokens: {len(train_blocks.blocks)} train, {len(val_blocks.blocks)} validation; "
+        f"{train_blocks.dropped_tokens + val_blocks.dropped_tokens} tail tokens dropped",
+        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
+    ]), flush=True)
 
 
 def perplexity(trainer) -> float:

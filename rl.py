@@ -1,4 +1,4 @@
-"""Reinforcement learning (RL) of a medical chat policy with GRPO (TRL's GRPOTrainer), LoRA or QLoRA.
+r"""Reinforcement learning (RL) of a medical chat policy with GRPO (TRL's GRPOTrainer), LoRA or QLoRA.
 
     python rl.py --lora_weights ./lora-medlora            # rule reward, prompts from data/preference/
     python rl.py --lora_weights ./lora-medlora --reward_model ./rm-medlora --data_path prompts.jsonl \
@@ -20,63 +20,30 @@ The output folder is an adapter that chat.py, generate.py and evaluate.py load w
 
 import logging
 import random
-import time
 
 from medlora import cli
 from medlora.data.templates import PromptTemplate
 from medlora.errors import MedLoRAError
+from medlora.flag_groups import CHECKPOINTS, DATA, LORA, MODEL, TRAINING
+from medlora.flags import FlagGroup, stage_flags
 from medlora.paths import DATA_DIR
 
 DEFAULT_DATA = str(DATA_DIR / "preference")
 logger = logging.getLogger("rl")
 
 
-def train(
-    # model and data
-    base_model: str = "",
-    lora_weights: str = "",
-    data_path: str = DEFAULT_DATA,
-    output_dir: str = "./rl-medlora",
-    prompt_template_name: str = "",
-    # reward
-    reward_model: str = "",
-    max_reply_chars: int = 600,
-    # sampling
-    num_generations: int = 4,
-    max_prompt_length: int = 256,
-    max_completion_length: int = 128,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    beta: float = 0.0,
-    # training hyperparameters
-    batch_size: int = 16,
-    micro_batch_size: int = 4,
-    num_epochs: int = 1,
-    max_steps: int = -1,
-    learning_rate: float = 1e-5,
-    warmup_steps: int = 0,
-    eval_prompts: int = 16,
-    seed: int = 42,
-    # lora hyperparameters (a fresh adapter only: --lora_weights keeps its own)
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.05,
-    lora_target_modules: str | list | None = None,
-    # model loading
-    precision: str = "auto",
-    load_in_4bit: bool = False,
-    load_in_8bit: bool = False,
-    gradient_checkpointing: bool = False,
-    trust_remote_code: bool = False,
-    # logging and checkpoints
-    logging_steps: int = 10,
-    save_steps: int = 100,
-    save_total_limit: int = 3,
-    report_to: str = "none",
-    wandb_project: str = "",
-    wandb_run_name: str = "",
-    resume_from_checkpoint: str | bool | None = None,
-):
+@stage_flags(
+    MODEL,
+    DATA.but(data_path=DEFAULT_DATA, output_dir="./rl-medlora").without("field_map", "skip_bad_records"),
+    FlagGroup("reward", reward_model="", max_reply_chars=600),
+    FlagGroup("sampling", num_generations=4, max_prompt_length=256, max_completion_length=128, temperature=1.0,
+              top_p=1.0, beta=0.0),
+    TRAINING.but(batch_size=16, learning_rate=1e-5, warmup_steps=0).without("cutoff_len", "val_set_size"),
+    FlagGroup("evaluation", eval_prompts=16),
+    LORA,
+    CHECKPOINTS.without("eval_steps"),
+)
+def train(flags):
     """Improve a chat policy with GRPO on the prompts in DATA_PATH and save the adapter to OUTPUT_DIR.
 
     Returns the trainer when called from Python.
@@ -85,7 +52,6 @@ def train(
         base_model: Hub id or local folder of a causal LM. Default: the base of --lora_weights, else builtin:smollm2-135m-instruct.
         lora_weights: The policy: an SFT (or DPO) adapter to continue; empty for a fresh LoRA on --base_model.
         data_path: Prompts: a file (or folder) of SFT, preference or question records, or a .txt file with one question a line.
-        output_dir: Where the adapter, tokenizer, medlora_run.json and checkpoints go.
         prompt_template_name: The policy's template in templates/, or a .json path. Default: the adapter's, else alpaca.
         reward_model: A reward model folder from reward.py; empty for the rule reward (advice to see a clinician, brevity).
         max_reply_chars: Rule reward: replies up to this many characters get the full brevity point.
@@ -108,147 +74,113 @@ def train(
         load_in_8bit: Load the policy's base (and the reward model's) in 8-bit.
         logging_steps: Log the reward, reply length and loss every this many optimizer steps.
     """
-    settings = dict(locals())  # the flags as given, saved in medlora_run.json
-    # Imported here, not at the top, so that --help answers without loading torch and transformers.
-    from medlora.data.tokenization import ConversationEncoder
-    from medlora.flags import check_numeric_flags
-    from medlora.models.loading import (
-        continued_adapter_defaults,
-        count_parameters,
-        fit_embeddings_to_tokenizer,
-        load_base_model,
-        load_tokenizer,
-        lora_for_trl_trainer,
-        resolve_base_model,
-        resolve_precision,
-    )
     from medlora.training import distributed
-    from medlora.training.preference_trainer import restore_fp32_adapter
-    from medlora.training.reward_model import checked_reward_model, load_reward_model
-    from medlora.training.rewards import (
-        PromptIdsGRPOTrainer,
-        load_prompts,
-        mean_greedy_reward,
-        model_reward,
-        rule_reward,
-    )
-    from medlora.training.saving import save_trained_model
-    from medlora.training.trainer import (
-        MarkCompleteCheckpoints,
-        gradient_accumulation_steps_for,
-        prepare_quantized_for_training,
-        resolve_report_to,
-        resolve_resume_checkpoint,
-        shared_training_arguments,
-    )
+    from medlora.training.rewards import mean_greedy_reward
+    from medlora.training.stage import TrainingStage
 
-    started = time.time()
-    world_size, is_main = distributed.world_size(), distributed.is_main_process()
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
-    check_numeric_flags(settings)
-    gradient_accumulation_steps = gradient_accumulation_steps_for(batch_size, micro_batch_size)
-    if num_generations < 2 or batch_size % num_generations:
-        raise MedLoRAError(f"--batch_size {batch_size} must be a multiple of --num_generations {num_generations} "
-                           "(at least 2: GRPO compares the replies to one prompt)")
-    if temperature <= 0 or not 0 < top_p <= 1:
+    stage = TrainingStage("rl", flags)
+    if flags.num_generations < 2 or flags.batch_size % flags.num_generations:
+        raise MedLoRAError(f"--batch_size {flags.batch_size} must be a multiple of --num_generations "
+                           f"{flags.num_generations} (at least 2: GRPO compares the replies to one prompt)")
+    if flags.temperature <= 0 or not 0 < flags.top_p <= 1:
         raise MedLoRAError("--temperature must be > 0 and --top_p in (0, 1]: GRPO learns from sampled replies")
-    report_to = resolve_report_to(report_to, wandb_project)
-    base_model, prompt_template_name = continued_adapter_defaults(lora_weights, base_model, prompt_template_name)
-    if reward_model:
-        checked_reward_model(reward_model)
-    resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
+    if flags.reward_model:
+        from medlora.training.reward_model import checked_reward_model
 
-    # ---- data: every prompt read and tokenized once (on rank 0), before any model is loaded ----------------
-    def prepare_data():
-        template = PromptTemplate.load(prompt_template_name)
-        conversations = load_prompts(data_path)
-        random.Random(seed).shuffle(conversations)
-        model_path = resolve_base_model(base_model)
-        encoder = ConversationEncoder(load_tokenizer(lora_weights or model_path, trust_remote_code), template)
-        prompts = [(c, encoder.encode_prompt(c)) for c in conversations]
-        kept = [(c, ids) for c, ids in prompts if len(ids) <= max_prompt_length]
-        if not kept:
-            raise MedLoRAError(f"{data_path}: every prompt is longer than --max_prompt_length {max_prompt_length}")
-        return template, kept, len(prompts) - len(kept), model_path
+        checked_reward_model(flags.reward_model)
+    template, prompts, too_long, model_path = distributed.run_once_and_share(lambda: prepare_prompts(flags, stage))
+    trainer, reward_function, targets = build_trainer(flags, stage, model_path, template, prompts)
+    if stage.is_main:
+        print_data_summary(flags, template, prompts, too_long, trainer.model, stage.lora_weights)
 
-    template, prompts, too_long, model_path = distributed.run_once_and_share(prepare_data)
+    eval_set = prompts[:flags.eval_prompts]
+    greedy_reward = lambda: mean_greedy_reward(trainer.model, trainer.processing_class, eval_set,  # noqa: E731
+                                               reward_function, flags.max_completion_length)
+    before = greedy_reward()
+    result = trainer.train(resume_from_checkpoint=stage.resume_from_checkpoint)
+    after = greedy_reward()
 
-    # ---- models ----------------------------------------------------------------------------------------------
-    import transformers
+    model = trainer.model
+    if "ref" in model.peft_config:  # TRL's frozen reference copy (beta > 0) is not part of the result
+        model.delete_adapter("ref")
+    if stage.save(model, trainer.processing_class, trainer, resolved_base_model=model_path,
+                  prompt_template_name=template.name, lora_target_modules=targets,
+                  mean_greedy_reward={"prompts": len(eval_set), "before": before, "after": after}):
+        measured = (f"; mean reward of greedy replies to {len(eval_set)} prompts {before:.4f} -> {after:.4f}"
+                    if eval_set else "")
+        stage.done(trainer, result, f"{measured}; adapter in {flags.output_dir}")
+    return trainer
+
+
+def prepare_prompts(flags, stage) -> tuple:
+    """(template, [(conversation, prompt ids)], prompts left out as too long, base model path): every prompt
+    read and tokenized (on rank 0), before any model is loaded."""
+    from medlora.data.tokenization import ConversationEncoder
+    from medlora.training.rewards import load_prompts
+
+    template = PromptTemplate.load(stage.template_name)
+    conversations = load_prompts(flags.data_path)
+    random.Random(flags.seed).shuffle(conversations)
+    model_path, tokenizer = stage.data_tokenizer()
+    encoder = ConversationEncoder(tokenizer, template)
+    prompts = [(c, encoder.encode_prompt(c)) for c in conversations]
+    kept = [(c, ids) for c, ids in prompts if len(ids) <= flags.max_prompt_length]
+    if not kept:
+        raise MedLoRAError(f"{flags.data_path}: every prompt is longer than --max_prompt_length "
+                           f"{flags.max_prompt_length}")
+    return template, kept, len(prompts) - len(kept), model_path
+
+
+def build_trainer(flags, stage, model_path, template, prompts) -> tuple:
+    """(trainer, reward function, LoRA targets): TRL's GRPO trainer on the policy (the continued adapter or a
+    fresh LoRA), with the reward model or the rule reward."""
     from datasets import Dataset
     from trl import GRPOConfig
 
-    transformers.set_seed(seed)
-    precision_plan = resolve_precision(precision)
-    dtype = precision_plan.weights
-    tokenizer = load_tokenizer(lora_weights or model_path, trust_remote_code)
-    model = load_base_model(model_path, dtype, load_in_4bit, load_in_8bit, trust_remote_code)
-    fit_embeddings_to_tokenizer(model, tokenizer)
-    if load_in_4bit or load_in_8bit:
-        model = prepare_quantized_for_training(model, gradient_checkpointing)
-    model, peft_config, targets = lora_for_trl_trainer(model, lora_weights, lora_target_modules, lora_r, lora_alpha,
-                                                       lora_dropout)
-    if reward_model:
-        reward_function = model_reward(*load_reward_model(reward_model, load_in_4bit, load_in_8bit,
-                                                          precision=precision, trust_remote_code=trust_remote_code),
+    from medlora.models.loading import lora_for_trl_trainer
+    from medlora.training.preference_trainer import restore_fp32_adapter
+    from medlora.training.reward_model import load_reward_model
+    from medlora.training.rewards import PromptIdsGRPOTrainer, model_reward, rule_reward
+    from medlora.training.trainer import MarkCompleteCheckpoints
+
+    model, tokenizer = stage.load_model(model_path)
+    model, peft_config, targets = lora_for_trl_trainer(model, stage.lora_weights, flags.lora_target_modules,
+                                                       flags.lora_r, flags.lora_alpha, flags.lora_dropout)
+    if flags.reward_model:
+        reward_function = model_reward(*load_reward_model(flags.reward_model, flags.load_in_4bit, flags.load_in_8bit,
+                                                          precision=flags.precision,
+                                                          trust_remote_code=flags.trust_remote_code),
                                        prompts, template)
     else:
-        reward_function = rule_reward(max_reply_chars, template)
-
-    args = GRPOConfig(
-        output_dir=output_dir,
-        **shared_training_arguments(
-            micro_batch_size=micro_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
-            num_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
-            dtype=dtype, autocast_bf16=precision_plan.autocast_bf16,
-            gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps,
-            save_steps=save_steps, save_total_limit=save_total_limit, report_to=report_to,
-            wandb_run_name=wandb_run_name, seed=seed),
-        num_generations=num_generations,
-        max_completion_length=max_completion_length,
-        temperature=temperature,
-        top_p=top_p,
-        beta=beta,
-    )
+        reward_function = rule_reward(flags.max_reply_chars, template)
+    args = stage.training_arguments(GRPOConfig, validation=None, train_examples=len(prompts) * flags.num_generations,
+                                    num_generations=flags.num_generations,
+                                    max_completion_length=flags.max_completion_length,
+                                    temperature=flags.temperature, top_p=flags.top_p, beta=flags.beta)
     dataset = Dataset.from_dict({"prompt": [str(index) for index in range(len(prompts))],
                                  "prompt_index": list(range(len(prompts)))})
     trainer = PromptIdsGRPOTrainer(prompt_ids=[ids for _, ids in prompts], model=model, reward_funcs=reward_function,
                                    args=args, train_dataset=dataset, processing_class=tokenizer,
                                    peft_config=peft_config, callbacks=[MarkCompleteCheckpoints()])
     restore_fp32_adapter(trainer.model)  # TRL casts QLoRA adapters to bf16; finetune.py keeps them fp32
-    trainable, total = count_parameters(trainer.model)
+    return trainer, reward_function, targets
+
+
+def print_data_summary(flags, template, prompts, too_long, model, lora_weights):
+    from medlora.models.loading import count_parameters
+
+    trainable, total = count_parameters(model)
     lengths = sorted(len(ids) for _, ids in prompts)
-    if is_main:
-        reward_name = reward_model or f"rule (advice to see a clinician, brevity within {max_reply_chars} characters)"
-        print("\n".join([
-            f"prompts: {len(prompts) + too_long} read from {data_path}, {len(prompts)} used, {too_long} left out "
-            f"(longer than max_prompt_length={max_prompt_length}); tokens: median {lengths[len(lengths) // 2]}, "
-            f"max {lengths[-1]}",
-            f"template: {template.name}; reward: {reward_name}",
-            f"starting from: {lora_weights or 'a fresh LoRA adapter'}; {num_generations} replies per prompt",
-            f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
-        ]), flush=True)
-
-    eval_set = prompts[:eval_prompts]
-    before = mean_greedy_reward(trainer.model, tokenizer, eval_set, reward_function, max_completion_length)
-    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    after = mean_greedy_reward(trainer.model, tokenizer, eval_set, reward_function, max_completion_length)
-
-    # ---- save ----------------------------------------------------------------------------------------------
-    model = trainer.model
-    if "ref" in model.peft_config:  # TRL's frozen reference copy (beta > 0) is not part of the result
-        model.delete_adapter("ref")
-    if trainer.is_world_process_zero():
-        settings.update(stage="rl", base_model=base_model, resolved_base_model=model_path,
-                        prompt_template_name=template.name, lora_target_modules=targets,
-                        dtype=str(dtype).replace("torch.", ""), world_size=world_size,
-                        gradient_accumulation_steps=gradient_accumulation_steps,
-                        mean_greedy_reward={"prompts": len(eval_set), "before": before, "after": after})
-        save_trained_model(model, tokenizer, output_dir, settings, trainer.state.log_history)
-        measured = (f"; mean reward of greedy replies to {len(eval_set)} prompts {before:.4f} -> {after:.4f}"
-                    if eval_set else "")
-        print(f"done in {time.time() - started:.0f}s: {result.global_step} steps{measured}; adapter in {output_dir}")
-    return trainer
+    reward_name = flags.reward_model or (f"rule (advice to see a clinician, brevity within {flags.max_reply_chars} "
+                                         "characters)")
+    print("\n".join([
+        f"prompts: {len(prompts) + too_long} read from {flags.data_path}, {len(prompts)} used, {too_long} left out "
+        f"(longer than max_prompt_length={flags.max_prompt_length}); tokens: median {lengths[len(lengths) // 2]}, "
+        f"max {lengths[-1]}",
+        f"template: {template.name}; reward: {reward_name}",
+        f"starting from: {lora_weights or 'a fresh LoRA adapter'}; {flags.num_generations} replies per prompt",
+        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
+    ]), flush=True)
 
 
 if __name__ == "__main__":

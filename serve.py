@@ -20,34 +20,21 @@ import os
 
 from medlora import cli
 from medlora.errors import MedLoRAError
+from medlora.flag_groups import DEVICE, GENERATION, KNOWLEDGE, MODEL
+from medlora.flags import FlagGroup, stage_flags
 from medlora.inference.generation import DISCLAIMER, GenerationSettings
 
 API_KEY_VARIABLE = "MEDLORA_API_KEY"
 
 
-def main(
-    base_model: str = "",
-    lora_weights: str = "",
-    load_in_8bit: bool = False,
-    load_in_4bit: bool = False,
-    prompt_template_name: str = "",
-    device: str = "",
-    precision: str = "auto",
-    trust_remote_code: bool = False,
-    temperature: float = 0.7,
-    top_p: float = 0.9,
-    top_k: int = 40,
-    max_new_tokens: int = 256,
-    repetition_penalty: float = 1.1,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str = "",
-    max_concurrency: int = 1,
-    max_queue: int = 8,
-    log_level: str = "info",
-    knowledge_path: str = "",
-    knowledge_top_k: int = 3,
-):
+@stage_flags(
+    MODEL,
+    DEVICE,
+    GENERATION.without("num_beams", "system"),
+    FlagGroup("server", host="127.0.0.1", port=8000, api_key="", max_concurrency=1, max_queue=8, log_level="info"),
+    KNOWLEDGE,
+)
+def main(flags):
     """Serve BASE_MODEL and the LORA_WEIGHTS adapters on it at http://HOST:PORT/v1 (OpenAI chat completions).
 
     Args:
@@ -68,30 +55,30 @@ def main(
         knowledge_path: Ground answers in a knowledge base (.csv/.jsonl/.json/.txt/.md or a folder; docs/retrieval.md): each question's best passages go into the prompt, and the response lists them as `sources`.
         knowledge_top_k: Passages per question from --knowledge_path.
     """
-    defaults = GenerationSettings(temperature, top_p, top_k, 1, max_new_tokens, repetition_penalty).validate()
-    if int(max_concurrency) < 1 or int(max_queue) < 0:
+    defaults = GenerationSettings.from_flags(flags)
+    if int(flags.max_concurrency) < 1 or int(flags.max_queue) < 0:
         raise MedLoRAError("--max_concurrency must be >= 1 and --max_queue >= 0")
     from medlora.inference.retrieval import load_knowledge
     from medlora.inference.serving import ServedModels, create_app, parse_adapters
 
-    adapters = parse_adapters(lora_weights)
-    knowledge = load_knowledge(knowledge_path, knowledge_top_k)  # checked and indexed before the model loads
-    api_key = str(api_key or os.environ.get(API_KEY_VARIABLE, ""))
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(f"warning: serving on {host} without --api_key: anyone who can reach the port can use the model")
+    adapters = parse_adapters(flags.lora_weights)
+    knowledge = load_knowledge(flags.knowledge_path, flags.knowledge_top_k)  # checked and indexed before the model loads
+    api_key = str(flags.api_key or os.environ.get(API_KEY_VARIABLE, ""))
+    if flags.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: serving on {flags.host} without --api_key: anyone who can reach the port can use the model")
     print(DISCLAIMER, flush=True)
-    models = ServedModels.load(base_model, adapters, prompt_template_name, load_in_8bit=load_in_8bit,
-                               load_in_4bit=load_in_4bit,
-                               device=device or None, precision=precision, trust_remote_code=trust_remote_code)
+    models = ServedModels.load(flags.base_model, adapters, flags.prompt_template_name, load_in_8bit=flags.load_in_8bit,
+                               load_in_4bit=flags.load_in_4bit, device=flags.device or None, precision=flags.precision,
+                               trust_remote_code=flags.trust_remote_code)
     for served in models.by_name.values():
         print(f"model {served.name!r}: {served.chat.describe()}", flush=True)
     if knowledge:
         print(f"knowledge: {knowledge.describe()}", flush=True)
-    app = create_app(models, defaults, api_key, int(max_concurrency), int(max_queue), knowledge)
+    app = create_app(models, defaults, api_key, int(flags.max_concurrency), int(flags.max_queue), knowledge)
     import uvicorn
 
-    print(f"OpenAI-compatible API on http://{host}:{port}/v1 (Ctrl-C stops it)", flush=True)
-    uvicorn.run(app, host=host, port=int(port), log_level=log_level)
+    print(f"OpenAI-compatible API on http://{flags.host}:{flags.port}/v1 (Ctrl-C stops it)", flush=True)
+    uvicorn.run(app, host=flags.host, port=int(flags.port), log_level=flags.log_level)
 
 
 if __name__ == "__main__":

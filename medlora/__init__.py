@@ -2,12 +2,14 @@
 
 The top-level scripts (finetune.py, generate.py, chat.py, ...) are thin; what they share lives here, in the
 order of the pipeline:
-  cli, flags, errors   how every script runs: flags described once and checked first, one-line errors
+  cli, flags, errors   how every script runs: flags checked first, --help, one-line errors
+  flag_groups          the flags stages share, each declared once; scripts compose them with @stage_flags
   paths, run_folder    the project's folders and cache; what a run/adapter folder holds, read and checked
   data/                record files and formats, templates, token ids and label masks, questions,
                        pretraining text, preference pairs, validation splits, packed dialogues
   models/              the built-in models, loading base models with LoRA, quantization, precision
-  training/            the label-only loss trainer, collators, torchrun, saving, reward models, DPO and GRPO
+  training/            TrainingStage (shared around every training script), the label-only loss trainer,
+                       collators, torchrun, saving, reward models, DPO and GRPO
   inference/           the generation core, the Gradio page, batch predictions, the OpenAI-compatible API
   evaluation/          multiple-choice scoring, perplexity, reports with standard errors, lm-eval
   export/              merged checkpoints, the Meta state dict, GGUF and Ollama Modelfiles

@@ -49,7 +49,7 @@ def run(function) -> None:
     argv = canonical_argv(function, sys.argv[1:])
     if any(argument in ("--help", "-h") for argument in argv[:argv.index("--") if "--" in argv else None]):
         script = sys.modules.get("__main__")
-        print(help_text(function, getattr(script, "__doc__", ""), sys.argv[0]), end="")
+        print(help_text(function, getattr(script, "__doc__", "")), end="")
         return
 
     def main():

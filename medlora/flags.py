@@ -1,70 +1,92 @@
-"""Flags that several stages share, described once; `--help` of every script is built from them.
+"""How a stage declares its flags, and how `--help` describes them.
 
-A stage function lists its flags as parameters (fire drives them). A flag's description is the stage's own
-docstring entry under `Args:` where its meaning is the stage's own (what --data_path holds, what a batch counts),
-else the shared description here. Old alpaca-lora names stay accepted as aliases of one name per concept.
+A stage composes its flags from the shared groups in medlora/flag_groups.py (each flag declared once, with
+its default, type and description) and its own, with `@stage_flags(...)`; fire sees them as the function's
+parameters. A flag's description is the stage's own docstring entry under `Args:` where its meaning is the
+stage's own (what --data_path holds, what a batch counts), else the group's. Old alpaca-lora names stay
+accepted as aliases of one name per concept.
 """
 
+import functools
 import inspect
 import re
+import types
+from typing import NamedTuple
 
 from medlora.errors import MedLoRAError
 
 # Old names -> the one name every script uses (alpaca-lora's generate.py said load_8bit and prompt_template).
 ALIASES = {"load_8bit": "load_in_8bit", "load_4bit": "load_in_4bit", "prompt_template": "prompt_template_name"}
 
-FLAG_HELP = {
-    # model
-    "base_model": "Hub id, local folder, or a built-in model: builtin:smollm2-135m-instruct (SmolLM2-135M-Instruct, "
-                  "real weights, Apache-2.0) or builtin:tiny-llama (random toy for tests); see docs/models.md. "
-                  "Default: the base the adapter was trained on, else builtin:smollm2-135m-instruct.",
-    "lora_weights": "A LoRA adapter folder written by a MedLoRA stage (or a hub adapter id); empty: the base model alone.",
-    "prompt_template_name": "A template in templates/ or a template .json; default: the adapter's (medlora_run.json), "
-                            "else the base model's own (chat for SmolLM2), else alpaca. Alias: --prompt_template.",
-    "precision": "auto (GPU: bf16, else fp16; CPU: bf16 autocast where it has AMX/AVX512-BF16, else fp32), fp32, bf16, "
-                 "bf16-mixed (bf16 autocast, fp32 weights) or fp16.",
-    "load_in_4bit": "QLoRA: load the base in 4-bit NF4 with double quantization (bitsandbytes). Alias: --load_4bit.",
-    "load_in_8bit": "Load the base in 8-bit (bitsandbytes). Alias: --load_8bit.",
-    "device": "cuda, cuda:1, mps or cpu; default: the first available of these.",
-    "trust_remote_code": "Run the model repository's own Python code (only for repositories you trust).",
-    # LoRA
-    "lora_r": "LoRA rank (of a fresh adapter).",
-    "lora_alpha": "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).",
-    "lora_dropout": "Dropout on the LoRA input.",
-    "lora_target_modules": "Module names (comma-separated or a list), or all-linear; default: the architecture's usual "
-                           "attention projections.",
-    # training
-    "micro_batch_size": "Examples per forward pass on one device; gradient accumulation makes up --batch_size.",
-    "max_steps": "If > 0, stop after this many optimizer steps (overrides num_epochs).",
-    "learning_rate": "Peak learning rate (linear warmup, then linear decay).",
-    "warmup_ratio": "Fraction of the optimizer steps spent in linear warmup.",
-    "warmup_steps": "Optimizer steps of linear warmup, 0 for none; when given it overrides --warmup_ratio.",
-    "seed": "Seed for the split, the shuffling, sampling, LoRA initialisation and dropout.",
-    "gradient_checkpointing": "Recompute activations in the backward pass (non-reentrant): less memory, slower "
-                              "(about one more forward pass per step).",
-    "logging_steps": "Log the training metrics every this many optimizer steps.",
-    "eval_steps": "Evaluate on the validation split every this many optimizer steps.",
-    "save_steps": "Write a resumable checkpoint every this many optimizer steps.",
-    "save_total_limit": "Keep at most this many checkpoints.",
-    "report_to": "none, tensorboard (logs under output_dir/runs) or wandb.",
-    "wandb_project": "Weights & Biases project; setting it turns on wandb reporting.",
-    "wandb_run_name": "Weights & Biases run name.",
-    "wandb_watch": "Weights & Biases model watching: false, gradients or all.",
-    "wandb_log_model": "Upload checkpoints to Weights & Biases: false or true.",
-    "resume_from_checkpoint": "A checkpoint folder to resume from, or True for the newest complete one in output_dir.",
-    "overwrite_output_dir": "Train into an output_dir that already holds a finished run (refused otherwise, unless "
-                            "resuming).",
-    # generation
-    "temperature": "Sampling temperature; 0 for greedy decoding (then top_p and top_k do not apply).",
-    "top_p": "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.",
-    "top_k": "Sample among the k most likely tokens; 0 for no limit.",
-    "num_beams": "Beam search with this many beams (> 1: the answer is printed at once, not streamed).",
-    "max_new_tokens": "At most this many tokens per answer.",
-    "repetition_penalty": "Penalty (> 1) on tokens already in the conversation; 1 for none.",
-    "system": "System prompt; default: the template's.",
-    # export
-    "force": "Replace an existing output folder.",
-}
+def shared_flag_help() -> dict:
+    """Every shared flag's description (from medlora/flag_groups.py), for scripts that list their flags by hand."""
+    from medlora.flag_groups import SHARED_GROUPS
+
+    return {name: flag.help for group in SHARED_GROUPS for name, flag in group.flags.items()}
+
+
+class Flag(NamedTuple):
+    default: object
+    type: object = None  # default: the default's type
+    help: str = ""
+
+
+class FlagGroup:
+    """Flags that belong together (model, LoRA, training, ...), each with its default, type and description."""
+
+    def __init__(self, title: str, **flags):
+        self.title = title
+        self.flags = {name: flag if isinstance(flag, Flag) else Flag(flag, type(flag)) for name, flag in flags.items()}
+
+    def but(self, **defaults) -> "FlagGroup":
+        """The same flags with a stage's own defaults (dpo.py trains at --learning_rate 5e-5)."""
+        unknown = set(defaults) - set(self.flags)
+        if unknown:
+            raise TypeError(f"{self.title} has no flag {', '.join(sorted(unknown))}")
+        return FlagGroup(self.title, **{name: flag._replace(default=defaults[name]) if name in defaults else flag
+                                        for name, flag in self.flags.items()})
+
+    def without(self, *names) -> "FlagGroup":
+        """The group less the flags a stage does not take (pretrain.py has no --prompt_template_name)."""
+        unknown = set(names) - set(self.flags)
+        if unknown:
+            raise TypeError(f"{self.title} has no flag {', '.join(sorted(unknown))}")
+        return FlagGroup(self.title, **{name: flag for name, flag in self.flags.items() if name not in names})
+
+
+class Flags(types.SimpleNamespace):
+    """A stage's flag values, as attributes (flags.batch_size)."""
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def stage_flags(*groups: FlagGroup):
+    """Give a stage function `stage(flags)` the flags of `groups` as its parameters (what fire, --help and
+    the unknown-flag check read); it is called with a Flags object. Called from Python it takes the same
+    keyword arguments as on the command line."""
+    declared = {}
+    for group in groups:
+        for name, flag in group.flags.items():
+            if name in declared:
+                raise TypeError(f"flag --{name} is declared twice")
+            declared[name] = flag
+    signature = inspect.Signature([
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=flag.default,
+                          annotation=flag.type or type(flag.default)) for name, flag in declared.items()])
+
+    def decorate(stage):
+        @functools.wraps(stage)
+        def command(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return stage(Flags(**bound.arguments))
+
+        command.__signature__ = signature
+        command.flag_help = {name: flag.help for name, flag in declared.items()}
+        return command
+
+    return decorate
 
 
 def docstring_args(function) -> dict:
@@ -102,7 +124,8 @@ def flag_descriptions(function) -> dict:
     its line in the signature, else the shared one here; a flag described nowhere maps to None (a test keeps
     that from happening)."""
     own, comments = docstring_args(function), inline_comments(function)
-    return {name: own.get(name) or comments.get(name) or FLAG_HELP.get(name)
+    declared = getattr(function, "flag_help", None) or shared_flag_help()
+    return {name: own.get(name) or comments.get(name) or declared.get(name)
             for name in inspect.signature(function).parameters}
 
 
@@ -124,7 +147,7 @@ def canonical_argv(function, argv: list) -> list:
     return result
 
 
-def help_text(function, script_doc: str, script_name: str) -> str:
+def help_text(function, script_doc: str) -> str:
     """`--help`: the script's docstring (how to run it), then every flag with its default and description."""
     lines = [(script_doc or "").strip(), "", "Flags:"]
     descriptions = flag_descriptions(function)

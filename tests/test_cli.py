@@ -134,3 +134,44 @@ def test_ctrl_c_during_training_says_where_it_stopped_and_how_to_resume(tmp_path
     assert (ROOT / checkpoint).is_dir()  # absolute, or relative to where the command ran
     assert int(checkpoint.rsplit("-", 1)[1]) <= int(match.group(1))
     assert not (output_dir / "adapter_model.safetensors").exists()  # nothing presented as a finished run
+
+
+# ---- flags composed from the shared groups ------------------------------------------------------------------
+def test_composed_flags_reach_the_stage_as_one_object_with_stage_defaults():
+    from medlora.flag_groups import TRAINING
+    from medlora.flags import FlagGroup, stage_flags
+
+    @stage_flags(TRAINING.but(batch_size=16).without("cutoff_len"), FlagGroup("own", loss="dpo"))
+    def stage(flags):
+        return flags.as_dict()
+
+    import inspect
+
+    parameters = inspect.signature(stage).parameters
+    assert list(parameters)[:2] == ["batch_size", "micro_batch_size"] and "cutoff_len" not in parameters
+    assert parameters["batch_size"].default == 16 and parameters["loss"].default == "dpo"
+    values = stage(learning_rate=1e-3)
+    assert values["batch_size"] == 16 and values["learning_rate"] == 1e-3 and values["loss"] == "dpo"
+    with pytest.raises(TypeError):
+        stage(cutoff_len=128)  # left out of this stage
+    with pytest.raises(TypeError, match="no flag nope"):
+        TRAINING.but(nope=1)
+    with pytest.raises(TypeError, match="declared twice"):
+        stage_flags(TRAINING, TRAINING)
+
+
+@pytest.mark.parametrize("script", ["finetune", "pretrain", "dpo", "reward", "rl"])
+def test_every_training_stage_shares_the_training_flags_under_one_name(script):
+    """One name per concept: a training stage takes the shared groups' flags, not its own variants."""
+    import inspect
+
+    from medlora.flag_groups import CHECKPOINTS, LORA, MODEL
+    from tests.conftest import stage_function
+
+    parameters = inspect.signature(stage_function(script)).parameters
+    shared = {"base_model", "precision", "load_in_4bit", "load_in_8bit", "trust_remote_code", "batch_size",
+              "micro_batch_size", "learning_rate", "warmup_steps", "warmup_ratio", "seed", "gradient_checkpointing",
+              *LORA.flags, *(set(CHECKPOINTS.flags) - {"eval_steps"})}
+    assert shared <= set(parameters), shared - set(parameters)
+    assert not {"load_8bit", "load_4bit", "prompt_template"} & set(parameters)
+    assert set(MODEL.flags) - {"lora_weights", "prompt_template_name"} <= set(parameters)

@@ -26,7 +26,7 @@ from medlora.data.pretraining import (
 from medlora.data.templates import PromptTemplate
 from medlora.data.tokenization import ConversationEncoder
 from medlora.errors import MedLoRAError
-from tests.conftest import ROOT, TINY, run_script, shared_dataset
+from tests.conftest import ROOT, TINY, run_script, shared_dataset, stage_function
 
 PREFERENCE_SAMPLE = ROOT / "data" / "preference" / "medical_preference_en.jsonl"
 QUICK = ["--warmup_steps", 0, "--save_steps", 1000, "--logging_steps", 1]
@@ -535,14 +535,15 @@ def test_offline_pipeline_script_chains_every_stage(tmp_path, tiny_model_path):
 # ---- every flag documented (tests/test_readme_commands.py checks every script's --help) ------------------------
 @pytest.mark.parametrize("script", ["pretrain", "dpo", "reward", "rl"])
 def test_every_flag_has_its_own_help_line(script):
-    from medlora.flags import FLAG_HELP, docstring_args, flag_descriptions
+    from medlora.flags import docstring_args, flag_descriptions, shared_flag_help
 
-    module = __import__(script)
-    function = getattr(module, "pretrain" if script == "pretrain" else "train")
+    function = stage_function(script)
     assert all(flag_descriptions(function).values()), script
     # A stage documents its own meaning of a flag, or leaves it to the shared description: never a copy of it.
-    assert not [name for name, text in docstring_args(function).items() if FLAG_HELP.get(name) == text]
-    assert module.__doc__.lstrip().startswith(("Continued", "Preference", "Train", "Reinforcement"))
+    shared = {**shared_flag_help(), **function.flag_help}
+    assert not [name for name, text in docstring_args(function).items() if shared.get(name) == text]
+    assert sys.modules[function.__module__].__doc__.lstrip().startswith(
+        ("Continued", "Preference", "Train", "Reinforcement"))
 
 
 @pytest.mark.slow

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from medlora.data.records import (
     MESSAGE_ROLES,
     SHAREGPT_ROLES,
+    detect_by_fields,
     field_text,
     skip_reasons,
+    usage_lines,
     validate_records,
 )
 from medlora.data.templates import Conversation
@@ -77,20 +79,13 @@ def load_preference_pairs(data_path, field_map=None, skip_bad_records=False) -> 
     return loaded
 
 
+PREFERENCE_FORMATS = [("sharegpt", {"conversations"}), ("messages", {"messages"}), ("prompt", {"prompt"}),
+                      ("medicalgpt_reward", {"question", "response_chosen"})]
+
+
 def detect_preference_format(record: dict, source: str, number: int) -> str:
-    if "conversations" in record:
-        return "sharegpt"
-    if "messages" in record:
-        return "messages"
-    if "prompt" in record:
-        return "prompt"
-    if "question" in record and "response_chosen" in record:
-        return "medicalgpt_reward"
-    raise MedLoRAError(
-        f"{source}: record {number}: unknown preference format: fields {sorted(record)}; expected "
-        "conversations/messages (ending with the user's turn) or prompt, with chosen and rejected; "
-        "map other names with --field_map"
-    )
+    return detect_by_fields(record, PREFERENCE_FORMATS, source, number,
+                            "conversations/messages (ending with the user's turn) or prompt, with chosen and rejected")
 
 
 def to_preference_pair(record: dict, fmt: str, where: str) -> PreferencePair:
@@ -210,3 +205,39 @@ def common_prefix_length(a: list, b: list) -> int:
 # ---- reward models ---------------------------------------------------------------------------------------
 
 
+
+
+def prepare_pairs(flags, template_name: str, data_tokenizer) -> tuple:
+    """What dpo.py and reward.py train on, before any model loads: (template, LoadedPreferences, training
+    EncodedPairs, validation EncodedPairs, resolved base model path). flags: the stage's data flags
+    (data_path, field_map, skip_bad_records, val_set_size, seed, cutoff_len); data_tokenizer() gives
+    (base model path, tokenizer), called once the records are known to be good."""
+    from medlora.data.splits import split_validation
+    from medlora.data.templates import PromptTemplate
+
+    template = PromptTemplate.load(template_name)
+    loaded = load_preference_pairs(flags.data_path, flags.field_map, flags.skip_bad_records)
+    training_pairs, held_out_pairs = split_validation(loaded.pairs, flags.val_set_size, flags.seed, "pairs")
+    model_path, tokenizer = data_tokenizer()
+    train_pairs = encode_pairs(tokenizer, template, training_pairs, flags.cutoff_len)
+    val_pairs = encode_pairs(tokenizer, template, held_out_pairs, flags.cutoff_len)
+    if not train_pairs.examples:
+        raise MedLoRAError(f"{flags.data_path}: no training pair is left after truncation at --cutoff_len "
+                           f"{flags.cutoff_len}")
+    return template, loaded, train_pairs, val_pairs, model_path
+
+
+def pair_summary_lines(loaded: LoadedPreferences, train_pairs: EncodedPairs, val_pairs: EncodedPairs, cutoff_len: int,
+                       template) -> list:
+    """The data summary of a preference stage: pairs read, used and dropped (by reason), lengths, truncation."""
+    dropped = loaded.skipped + train_pairs.dropped + val_pairs.dropped
+    lengths = sorted(len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
+                     for ex in train_pairs.examples)
+    return [
+        f"data: {loaded.describe()}",
+        *usage_lines("pairs", len(loaded.pairs) + sum(loaded.skipped.values()), len(train_pairs.examples),
+                     len(val_pairs.examples), dropped, loaded.skipped_records),
+        f"template: {template.name}",
+        f"tokens per training pair: median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
+        f"truncated at cutoff_len={cutoff_len}: {train_pairs.truncated + val_pairs.truncated} pairs",
+    ]

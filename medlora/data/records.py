@@ -256,17 +256,23 @@ def rename_fields(record, field_map: dict, source: str, number: int) -> dict:
     return renamed
 
 
+# (format, the fields that identify it), tried in order
+SFT_FORMATS = [("sharegpt", {"conversations"}), ("messages", {"messages"}), ("alpaca", {"instruction"}),
+               ("alpaca", {"output"})]
+
+
+def detect_by_fields(record: dict, formats: list, source: str, number: int, expected: str) -> str:
+    """The first of `formats` whose identifying fields the record has, else a one-line error naming the record."""
+    for name, fields in formats:
+        if fields <= record.keys():
+            return name
+    raise MedLoRAError(f"{source}: record {number}: unknown format: fields {sorted(record)}; expected {expected}; "
+                       "map other names with --field_map")
+
+
 def detect_format(record: dict, source: str, number: int) -> str:
-    if "conversations" in record:
-        return "sharegpt"
-    if "messages" in record:
-        return "messages"
-    if "instruction" in record or "output" in record:
-        return "alpaca"
-    raise MedLoRAError(
-        f"{source}: record {number}: unknown format: fields {sorted(record)}; expected alpaca "
-        "(instruction/input/output), sharegpt (conversations) or messages; map other names with --field_map"
-    )
+    return detect_by_fields(record, SFT_FORMATS, source, number,
+                            "alpaca (instruction/input/output), sharegpt (conversations) or messages")
 
 
 # ---- validation ----------------------------------------------------------------------------------------

@@ -44,6 +44,14 @@ class GenerationSettings:
     max_new_tokens: int = 256
     repetition_penalty: float = 1.1  # 1 disables it
 
+    @classmethod
+    def from_flags(cls, flags, **overrides) -> "GenerationSettings":
+        """A script's generation flags (the GENERATION group; a flag it lacks keeps the default), checked."""
+        from dataclasses import fields
+
+        values = {f.name: getattr(flags, f.name) for f in fields(cls) if hasattr(flags, f.name)}
+        return cls(**{**values, **overrides}).validate()
+
     def validate(self) -> "GenerationSettings":
         checks = [
             ("temperature", self.temperature >= 0, "must be >= 0 (0 means greedy decoding)"),

@@ -57,6 +57,9 @@ def resolve_base_model(base_model: str, flag: str = "--base_model") -> str:
     return base_model
 
 
+_REACHABLE_REPOS = set()  # checked once per process: a stage resolves its base model more than once
+
+
 def check_hub_reachable(repo_id: str, flag: str, filename: str = "config.json") -> None:
     """A hub id that is neither in the local cache nor reachable stops here with one line, instead of a minute of
     download retries and a traceback."""
@@ -65,7 +68,7 @@ def check_hub_reachable(repo_id: str, flag: str, filename: str = "config.json") 
 
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(repo_id, filename), str):
+    if repo_id in _REACHABLE_REPOS or isinstance(try_to_load_from_cache(repo_id, filename), str):
         return
     if constants.HF_HUB_OFFLINE:
         raise MedLoRAError(f"{flag} {repo_id}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set; "
@@ -77,6 +80,7 @@ def check_hub_reachable(repo_id: str, flag: str, filename: str = "config.json") 
         raise MedLoRAError(f"{flag} {repo_id}: not in the local Hugging Face cache and {host} cannot be reached "
                            f"({error.strerror or error}); download it on a connected machine or give a local "
                            "folder") from None
+    _REACHABLE_REPOS.add(repo_id)
 
 
 # ---- devices and precision ---------------------------------------------------------------------------------
