@@ -49,6 +49,7 @@ def main(
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
     perplexity_path: str = "",  # held-out SFT data (any format finetune.py reads); --method perplexity: default, the adapter's validation records
+    skip_bad_records: bool = False,  # drop invalid question (and --perplexity_path) records, listed and counted by reason, instead of stopping with a list of them
     cutoff_len: int | None = None,  # perplexity truncation; default: the adapter's cutoff_len, else 256
     max_new_tokens: int = 32,  # --method generate: reply length
     seed: int = 42,  # few-shot example draw
@@ -59,7 +60,7 @@ def main(
 ):
     """Evaluate BASE_MODEL (+ LORA_WEIGHTS) on the questions in DATA_PATH, or on lm-eval's TASKS with --harness lm_eval."""
     from medlora.data.questions import load_question_file, pick_fewshot, question_files
-    from medlora.data.records import load_conversations
+    from medlora.data.records import load_held_out
     from medlora.data.templates import PromptTemplate
     from medlora.evaluation.report import (
         ModelResults,
@@ -98,14 +99,15 @@ def main(
     settings = run.settings if run else {}
     template = PromptTemplate.load(prompt_template_name or settings.get("prompt_template_name") or default_template_for(
         base_model or settings.get("base_model") or DEFAULT_BASE_MODEL))
-    files = [] if method == "perplexity" or harness else [load_question_file(path) for path in question_files(data_path)]
-    fewshot_pool = load_question_file(fewshot_path).questions if fewshot_path else None
+    files = [] if method == "perplexity" or harness else [load_question_file(path, skip_bad_records)
+                                                          for path in question_files(data_path)]
+    fewshot_pool = load_question_file(fewshot_path, skip_bad_records).questions if fewshot_path else None
     question_sets = []
     for qfile in files:
         questions = qfile.questions[:limit] if limit else qfile.questions
         pool = fewshot_pool if fewshot_pool is not None else qfile.questions
         question_sets.append((qfile, questions, pick_fewshot(questions, pool, num_fewshot, seed, fewshot_pool is None)))
-    held_out = load_conversations(perplexity_path).conversations if perplexity_path else None
+    held_out = load_held_out(perplexity_path, skip_bad_records) if perplexity_path else None
     if method == "perplexity" and held_out is None:
         held_out, perplexity_path = validation_records(settings, lora_weights)
     if held_out is not None and limit:

@@ -38,6 +38,7 @@ def train(
     data_path: str = DEFAULT_DATA,
     output_dir: str = "./rl-medlora",
     prompt_template_name: str = "",
+    skip_bad_records: bool = False,
     # reward
     reward_model: str = "",
     max_reply_chars: int = 600,
@@ -87,6 +88,7 @@ def train(
         data_path: Prompts: a file (or folder) of SFT, preference or question records, or a .txt file with one question a line.
         output_dir: Where the adapter, tokenizer, medlora_run.json and checkpoints go.
         prompt_template_name: The policy's template in templates/, or a .json path. Default: the adapter's, else alpaca.
+        skip_bad_records: Drop invalid prompt records (listed and counted by reason in the summary) instead of stopping with a list of them.
         reward_model: A reward model folder from reward.py; empty for the rule reward (advice to see a clinician, brevity).
         max_reply_chars: Rule reward: replies up to this many characters get the full brevity point.
         num_generations: Replies sampled per prompt (the GRPO group); --batch_size must be a multiple of it.
@@ -161,7 +163,7 @@ def train(
     # ---- data: every prompt read and tokenized once (on rank 0), before any model is loaded ----------------
     def prepare_data():
         template = PromptTemplate.load(prompt_template_name)
-        conversations = load_prompts(data_path)
+        conversations = load_prompts(data_path, skip_bad_records)
         random.Random(seed).shuffle(conversations)
         model_path = resolve_base_model(base_model)
         encoder = ConversationEncoder(load_tokenizer(lora_weights or model_path, trust_remote_code), template)
