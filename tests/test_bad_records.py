@@ -225,3 +225,16 @@ def test_evaluate_refuses_a_question_file_with_bad_records_then_scores_the_rest_
     assert skipped == [f"skipped: {problem}" for problem in question_problems(data)]
     assert "questions.jsonl (medqa, 3 questions, loglik, 0-shot)" in scored.stdout
     assert len(json.loads(report.read_text())["results"]["model"]["tasks"][str(data)]["questions"]) == 3
+
+
+def test_generate_batch_files_list_every_bad_record_without_offering_a_flag_generate_lacks(tmp_path):
+    from medlora.inference.predictions import read_prediction_records
+
+    path = write_records(tmp_path / "questions.jsonl", {"instruction": "What helps a cough?"},
+                         {2: {"instruction": 7}, 3: {"output": "an answer"}}, total=4)
+    with pytest.raises(MedLoRAError) as raised:
+        read_prediction_records(path)
+    assert str(raised.value).splitlines() == [
+        f"{path}: 2 bad records (nothing was written):",
+        f"  {path}: record 2: field 'instruction': expected a string, got int",
+        f"  {path}: record 3: field 'instruction': missing"]

@@ -144,16 +144,18 @@ def validate_records(data_path, field_map, detect, convert, skip_bad_records=Fal
 
 
 def refuse_bad_records(data_path, problems: list, skip_bad_records: bool, kept: int,
-                       rest: str = "trains on the rest") -> None:
+                       rest: str | None = "trains on the rest") -> None:
     """Stop with every problem found (one line for one; else the first MAX_PROBLEMS_SHOWN and the count of the
-    rest), unless skip_bad_records and some record is left. rest: what the stage does with the good records."""
+    rest), unless skip_bad_records and some record is left. rest: what the stage does with the good records
+    under --skip_bad_records; None for a reader whose script has no such flag."""
     if len(problems) == 1 and not skip_bad_records:
         raise MedLoRAError(problems[0])
     if problems and not skip_bad_records:
         shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
         more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
+        hint = f"; --skip_bad_records drops them and {rest}" if rest else ""
         raise MedLoRAError(f"{data_path}: {len(problems)} bad record{'s' if len(problems) > 1 else ''} (nothing was "
-                           f"written; --skip_bad_records drops them and {rest}):\n  {shown}{more}")
+                           f"written{hint}):\n  {shown}{more}")
     if problems and not kept:
         raise MedLoRAError(f"{data_path}: every record is bad; the first: {problems[0]}")
 

@@ -41,11 +41,12 @@ def read_prediction_records(data_file, skip_bad_records: bool = False) -> list:
     keeps it as the reference answer, which is not shown to the model. Every record is checked before any is
     refused, so one run lists all the bad ones; with skip_bad_records they are dropped (read_predictions_checked
     also says which)."""
-    return read_predictions_checked(data_file, skip_bad_records)[0]
+    return read_predictions_checked(data_file, skip_bad_records, rest=None)[0]
 
 
-def read_predictions_checked(data_file, skip_bad_records: bool = False, rest: str = "answers the rest") -> tuple:
-    """(records, the problems of the records skipped) of read_prediction_records."""
+def read_predictions_checked(data_file, skip_bad_records: bool = False, rest: str | None = None) -> tuple:
+    """(records, the problems of the records skipped) of read_prediction_records; rest: what the caller does
+    with the good records under --skip_bad_records (None: generate.py, which has no such flag)."""
     path = Path(str(data_file)).expanduser()
     if not path.is_file():
         raise MedLoRAError(f"--data_file {data_file}: no such file")
