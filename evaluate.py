@@ -40,7 +40,7 @@ METHODS = ("loglik", "generate", "perplexity")
 @stage_flags(
     MODEL.without("precision"),
     FlagGroup("questions", data_path=DEFAULT_DATA, method="loglik", num_fewshot=0, fewshot_path="", limit=0,
-              batch_size=8, output_file="", compare=False, max_new_tokens=32, seed=42),
+              batch_size=8, output_file="", compare=False, max_new_tokens=32, seed=42, skip_bad_records=False),
     FlagGroup("perplexity", perplexity_path="", cutoff_len=Flag(None, int | None)),
     FlagGroup("lm-evaluation-harness", harness="", tasks="", include_path=""),
 )
@@ -61,6 +61,7 @@ def main(flags):
         compare: Score the base (adapter disabled) and the adapter in one run.
         max_new_tokens: --method generate: reply length.
         seed: Few-shot example draw.
+        skip_bad_records: Drop invalid question (and --perplexity_path) records, listed and counted by reason, instead of stopping with a list of them.
         perplexity_path: Held-out SFT data (any format finetune.py reads); --method perplexity: default, the adapter's validation records.
         cutoff_len: Perplexity truncation; default: the adapter's cutoff_len, else 256.
         harness: "lm_eval": run lm-evaluation-harness's --tasks on the loaded model instead of --data_path.
@@ -120,7 +121,7 @@ def check_flags(flags) -> None:
 def read_inputs(flags) -> EvaluationInputs:
     """The run folder, template, question sets with their few-shot examples, and held-out records."""
     from medlora.data.questions import load_question_file, pick_fewshot, question_files
-    from medlora.data.records import load_conversations
+    from medlora.data.records import load_held_out
     from medlora.data.templates import PromptTemplate
     from medlora.run_folder import RunFolder
 
@@ -137,8 +138,8 @@ def read_inputs(flags) -> EvaluationInputs:
         task_names = lm_harness.task_names(flags.tasks)
         task_manager = lm_harness.task_manager(task_names, flags.include_path)  # unknown names fail here
     files = ([] if flags.method == "perplexity" or flags.harness
-             else [load_question_file(path) for path in question_files(flags.data_path)])
-    fewshot_pool = load_question_file(flags.fewshot_path).questions if flags.fewshot_path else None
+             else [load_question_file(path, flags.skip_bad_records) for path in question_files(flags.data_path)])
+    fewshot_pool = load_question_file(flags.fewshot_path, flags.skip_bad_records).questions if flags.fewshot_path else None
     question_sets = []
     for qfile in files:
         questions = qfile.questions[:flags.limit] if flags.limit else qfile.questions
@@ -146,7 +147,7 @@ def read_inputs(flags) -> EvaluationInputs:
         question_sets.append((qfile, questions, pick_fewshot(questions, pool, flags.num_fewshot, flags.seed,
                                                              fewshot_pool is None)))
     perplexity_path = flags.perplexity_path
-    held_out = load_conversations(perplexity_path).conversations if perplexity_path else None
+    held_out = load_held_out(perplexity_path, flags.skip_bad_records) if perplexity_path else None
     if flags.method == "perplexity" and held_out is None:
         held_out, perplexity_path = validation_records(settings, lora_weights)
     if held_out is not None and flags.limit:

@@ -34,7 +34,7 @@ logger = logging.getLogger("rl")
 
 @stage_flags(
     MODEL,
-    DATA.but(data_path=DEFAULT_DATA, output_dir="./rl-medlora").without("field_map", "skip_bad_records"),
+    DATA.but(data_path=DEFAULT_DATA, output_dir="./rl-medlora").without("field_map"),
     FlagGroup("reward", reward_model="", max_reply_chars=600),
     FlagGroup("sampling", num_generations=4, max_prompt_length=256, max_completion_length=128, temperature=1.0,
               top_p=1.0, beta=0.0),
@@ -53,6 +53,7 @@ def train(flags):
         lora_weights: The policy: an SFT (or DPO) adapter to continue; empty for a fresh LoRA on --base_model.
         data_path: Prompts: a file (or folder) of SFT, preference or question records, or a .txt file with one question a line.
         prompt_template_name: The policy's template in templates/, or a .json path. Default: the adapter's, else alpaca.
+        skip_bad_records: Drop invalid prompt records (listed and counted by reason in the summary) instead of stopping with a list of them.
         reward_model: A reward model folder from reward.py; empty for the rule reward (advice to see a clinician, brevity).
         max_reply_chars: Rule reward: replies up to this many characters get the full brevity point.
         num_generations: Replies sampled per prompt (the GRPO group); --batch_size must be a multiple of it.
@@ -119,7 +120,7 @@ def prepare_prompts(flags, stage) -> tuple:
     from medlora.training.rewards import load_prompts
 
     template = PromptTemplate.load(stage.template_name)
-    conversations = load_prompts(flags.data_path)
+    conversations = load_prompts(flags.data_path, flags.skip_bad_records)
     random.Random(flags.seed).shuffle(conversations)
     model_path, tokenizer = stage.data_tokenizer()
     encoder = ConversationEncoder(tokenizer, template)

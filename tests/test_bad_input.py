@@ -127,6 +127,14 @@ CASES = [
     ("rl", ["--temperature", 0], "--temperature must be > 0"),
     ("rl", ["--reward_model", "{d}/empty_folder"], "--reward_model {d}/empty_folder: the folder is empty"),
     ("rl", ["--max_completion_length", 0], "--max_completion_length must be > 0; got 0"),
+    ("rl", ["--data_path", "{d}/bad_prompt.jsonl"], "{d}/bad_prompt.jsonl: record 2: field 'messages[0].content': empty"),
+    ("rl", ["--data_path", "{d}/same_pair.jsonl"], "{d}/same_pair.jsonl: record 1: field 'rejected': identical to"),
+    ("rl", ["--data_path", "{d}/strings_in_object.jsonl"],
+     "{d}/strings_in_object.jsonl: record 1: field 'instruction': expected a string, got int"),
+    ("rl", ["--data_path", "{d}/latin1.jsonl"], "{d}/latin1.jsonl: not UTF-8 text: byte offset 62 (line 1)"),
+    ("rl", ["--data_path", "{d}/only_bad_prompts.jsonl", "--skip_bad_records"],
+     "{d}/only_bad_prompts.jsonl: every record is bad; the first: {d}/only_bad_prompts.jsonl: record 1: field "
+     "'messages[0].content': empty"),
     # ---- chat.py ----
     ("chat", ["--prompt_templat", "chatml"], "unknown flag --prompt_templat; did you mean --prompt_template_name?"),
     ("chat", ["--base_model", TINY, "--prompt", "hi", "--temperature", -1], "--temperature"),
@@ -158,6 +166,14 @@ CASES = [
     ("evaluate", ["--batch_size", 0], "--batch_size must be >= 1"),
     ("evaluate", ["--data_path", "{d}/no_options.jsonl", "--output_file", "{out}"], "{d}/no_options.jsonl: record 1"),
     ("evaluate", ["--data_path", "{d}/latin1.jsonl", "--output_file", "{out}"], "{d}/latin1.jsonl: not UTF-8 text"),
+    ("evaluate", ["--data_path", "{d}/bad_answer.jsonl", "--output_file", "{out}"],
+     "{d}/bad_answer.jsonl: record 2: field 'answer_idx': 'E' is not an option"),
+    ("evaluate", ["--data_path", "{d}/questions.jsonl", "--num_fewshot", 1, "--fewshot_path", "{d}/no_options.jsonl",
+                  "--output_file", "{out}"], "{d}/no_options.jsonl: record 1: field 'options': expected 2 to 26"),
+    ("evaluate", ["--data_path", "{d}/no_options.jsonl", "--skip_bad_records", "--output_file", "{out}"],
+     "{d}/no_options.jsonl: every record is bad; the first: {d}/no_options.jsonl: record 1: field 'options'"),
+    ("evaluate", ["--method", "perplexity", "--perplexity_path", "{d}/empty_output.jsonl", "--output_file", "{out}"],
+     "{d}/empty_output.jsonl: record 1: field 'output': empty"),
     ("evaluate", ["--lora_weights", "{d}/truncated_adapter", "--output_file", "{out}"],
      "--lora_weights {d}/truncated_adapter: adapter_model.safetensors: truncated"),
     # ---- exports ----
@@ -212,6 +228,13 @@ def bad_files(tmp_path_factory, tiny_adapter):
     write(d, "pairs.jsonl", GOOD_PAIRS)
     write(d, "no_rejected.jsonl", [{"prompt": "p", "chosen": "an answer"}])
     write(d, "no_options.jsonl", [{"question": "Which vitamin?", "options": {}, "answer_idx": "A"}])
+    write(d, "questions.jsonl", [GOOD_QUESTION] * 3)
+    write(d, "bad_answer.jsonl", [GOOD_QUESTION, {**GOOD_QUESTION, "answer_idx": "E"}, GOOD_QUESTION])
+    good_prompt = {"messages": [{"role": "user", "content": "What helps a sore throat?"}]}
+    empty_prompt = {"messages": [{"role": "user", "content": " "}]}
+    write(d, "bad_prompt.jsonl", [good_prompt, empty_prompt, good_prompt])
+    write(d, "only_bad_prompts.jsonl", [empty_prompt, empty_prompt])
+    write(d, "strings_in_object.jsonl", [{"instruction": 7}])
     shutil.copytree(tiny_adapter, d / "good_adapter")
     shutil.copytree(tiny_adapter, d / "no_weights_adapter")
     (d / "no_weights_adapter" / "adapter_model.safetensors").unlink()

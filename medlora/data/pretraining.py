@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medlora.data.records import (
-    MAX_PROBLEMS_SHOWN,
     parse_json_records,
     read_text,
     refuse_bad_records,
+    skipped_list,
 )
 from medlora.errors import MedLoRAError
 
@@ -34,7 +34,7 @@ class LoadedText:
         lines = ["; ".join(f"{source}: {count} documents" for source, count in self.sources.items())]
         if self.skipped_records:
             lines[0] += f"; {len(self.skipped_records)} records skipped (--skip_bad_records)"
-            lines += [f"  skipped: {problem}" for problem in self.skipped_records[:MAX_PROBLEMS_SHOWN]]
+            lines += skipped_list(self.skipped_records)
         return "\n".join(lines)
 
 

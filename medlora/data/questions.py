@@ -14,10 +14,10 @@ option written the same way, "C. Vitamin C". Few-shot examples are earlier turns
 """
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from medlora.data.records import field_text, read_file_records, rename_fields
+from medlora.data.records import field_text, read_sources, refuse_bad_records, rename_fields, skipped_lines
 from medlora.data.templates import Conversation
 from medlora.errors import MedLoRAError
 
@@ -46,6 +46,11 @@ class QuestionFile:
     path: str
     format: str
     questions: list
+    skipped_records: list = field(default_factory=list)  # --skip_bad_records: "file: record N: field: reason"
+
+    def skipped_lines(self) -> list:
+        """The summary's account of the questions --skip_bad_records dropped (none: no lines)."""
+        return skipped_lines(self.path, "questions", self.skipped_records)
 
 
 # ---- reading question files ----------------------------------------------------------------------------------
@@ -68,21 +73,31 @@ def question_files(data_path) -> list:
     return files
 
 
-def load_question_file(path) -> QuestionFile:
+def load_question_file(path, skip_bad_records: bool = False) -> QuestionFile:
+    """Every question of a .json/.jsonl file. Every record is checked before any is refused, so one run lists all
+    the bad ones (records.refuse_bad_records); with skip_bad_records they are dropped, and the summary lines say
+    which, printed here (before any model loads) and kept in QuestionFile.skipped_records."""
     path = Path(path)
     if path.suffix not in QUESTION_SUFFIXES:
         raise MedLoRAError(f"{path}: question files are .json or .jsonl")
-    records = [(number, rename_fields(record, {}, str(path), number)) for number, record in read_file_records(path)]
-    if not records:
-        raise MedLoRAError(f"{path}: no records (empty file)")
-    fmt = detect_question_format(records[0][1], f"{path}: record {records[0][0]}")
-    parse = {"medqa": _medqa, "medmcqa": _medmcqa, "pubmedqa": _pubmedqa}[fmt]
-    questions = []
-    for number, record in records:
-        questions.append(parse(record, f"{path}: record {number}"))
+    questions, fmt, problems = [], None, []
+    for number, record in read_sources(path)[0][1]:  # (an empty file is refused there)
+        where = f"{path}: record {number}"
+        try:
+            record = rename_fields(record, {}, str(path), number)
+            fmt = fmt or detect_question_format(record, where)
+            question = {"medqa": _medqa, "medmcqa": _medmcqa, "pubmedqa": _pubmedqa}[fmt](record, where)
+        except MedLoRAError as problem:
+            problems.append(str(problem))
+            continue
         record_id = record.get("id", record.get("pubid"))
-        questions[-1].id = None if record_id is None else str(record_id)
-    return QuestionFile(str(path), fmt, questions)
+        question.id = None if record_id is None else str(record_id)
+        questions.append(question)
+    refuse_bad_records(path, problems, skip_bad_records, kept=len(questions), rest="scores the rest")
+    loaded = QuestionFile(str(path), fmt, questions, problems)
+    for line in loaded.skipped_lines():  # the data summary's account of what was dropped
+        print(line, flush=True)
+    return loaded
 
 
 def detect_question_format(record: dict, where: str) -> str:

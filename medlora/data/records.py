@@ -113,6 +113,15 @@ def load_conversations(data_path, field_map=None, skip_bad_records=False, split_
     return loaded
 
 
+def load_held_out(data_path, skip_bad_records=False) -> list:
+    """evaluate.py's --perplexity_path: its conversations; the records --skip_bad_records dropped are counted by
+    reason and listed in the summary lines printed here."""
+    loaded = load_conversations(data_path, skip_bad_records=skip_bad_records)
+    for line in skipped_lines(data_path, "records", loaded.skipped_records):
+        print(line, flush=True)
+    return loaded.conversations
+
+
 def validate_records(data_path, field_map, detect, convert, skip_bad_records=False,
                      known_fields=CONVERSATION_FIELDS) -> tuple:
     """(items, {source: (format, records)}, the problems of skipped records): every record of every source is
@@ -134,16 +143,19 @@ def validate_records(data_path, field_map, detect, convert, skip_bad_records=Fal
     return items, formats, problems
 
 
-def refuse_bad_records(data_path, problems: list, skip_bad_records: bool, kept: int) -> None:
+def refuse_bad_records(data_path, problems: list, skip_bad_records: bool, kept: int,
+                       rest: str | None = "trains on the rest") -> None:
     """Stop with every problem found (one line for one; else the first MAX_PROBLEMS_SHOWN and the count of the
-    rest), unless skip_bad_records and some record is left."""
+    rest), unless skip_bad_records and some record is left. rest: what the stage does with the good records
+    under --skip_bad_records; None for a reader whose script has no such flag."""
     if len(problems) == 1 and not skip_bad_records:
         raise MedLoRAError(problems[0])
     if problems and not skip_bad_records:
         shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
         more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
+        hint = f"; --skip_bad_records drops them and {rest}" if rest else ""
         raise MedLoRAError(f"{data_path}: {len(problems)} bad record{'s' if len(problems) > 1 else ''} (nothing was "
-                           f"written; --skip_bad_records drops them and trains on the rest):\n  {shown}{more}")
+                           f"written{hint}):\n  {shown}{more}")
     if problems and not kept:
         raise MedLoRAError(f"{data_path}: every record is bad; the first: {problems[0]}")
 
@@ -158,10 +170,26 @@ def usage_lines(unit: str, read: int, train: int, validation: int, dropped: Coun
     """The data summary's account of every record: read, used, dropped by reason, and which ones were skipped."""
     lines = [f"{unit}: {read} read, {train + validation} used ({train} train, {validation} validation), "
              f"{sum(dropped.values())} dropped" + "".join(f"; {n} dropped: {reason}" for reason, n in dropped.items())]
-    lines += [f"  skipped: {problem}" for problem in skipped_records[:MAX_PROBLEMS_SHOWN]]
+    return lines + skipped_list(skipped_records)
+
+
+def skipped_list(skipped_records: list) -> list:
+    """Which records --skip_bad_records dropped, each with its place and reason (the first MAX_PROBLEMS_SHOWN)."""
+    lines = [f"  skipped: {problem}" for problem in skipped_records[:MAX_PROBLEMS_SHOWN]]
     if len(skipped_records) > MAX_PROBLEMS_SHOWN:
         lines.append(f"  ... and {len(skipped_records) - MAX_PROBLEMS_SHOWN} more skipped")
     return lines
+
+
+def skipped_lines(source, unit: str, skipped_records: list) -> list:
+    """The summary's account of the records --skip_bad_records dropped from a reader with no train/validation
+    split (rl.py's prompts, evaluate.py's questions): how many, counted by reason, and which ones."""
+    if not skipped_records:
+        return []
+    dropped = skip_reasons(skipped_records)
+    lines = [f"{source}: {len(skipped_records)} bad {unit} dropped (--skip_bad_records)"
+             + "".join(f"; {n} dropped: {reason}" for reason, n in dropped.items())]
+    return lines + skipped_list(skipped_records)
 
 
 def read_sources(data_path) -> list:

@@ -18,6 +18,7 @@ from medlora.data.records import (
     SUPPORTED_SUFFIXES,
     detect_format,
     read_file_records,
+    refuse_bad_records,
     rename_fields,
     to_conversation,
 )
@@ -34,10 +35,18 @@ class PredictionRecord:
     source: str
 
 
-def read_prediction_records(data_file) -> list:
+def read_prediction_records(data_file, skip_bad_records: bool = False) -> list:
     """Questions to answer, in any format medlora.records reads: alpaca records (output optional),
     messages/sharegpt records ending with the user's turn, or plain strings (one question each). A record that ends with an assistant reply
-    keeps it as the reference answer, which is not shown to the model."""
+    keeps it as the reference answer, which is not shown to the model. Every record is checked before any is
+    refused, so one run lists all the bad ones; with skip_bad_records they are dropped (read_predictions_checked
+    also says which)."""
+    return read_predictions_checked(data_file, skip_bad_records, rest=None)[0]
+
+
+def read_predictions_checked(data_file, skip_bad_records: bool = False, rest: str | None = None) -> tuple:
+    """(records, the problems of the records skipped) of read_prediction_records; rest: what the caller does
+    with the good records under --skip_bad_records (None: generate.py, which has no such flag)."""
     path = Path(str(data_file)).expanduser()
     if not path.is_file():
         raise MedLoRAError(f"--data_file {data_file}: no such file")
@@ -48,16 +57,22 @@ def read_prediction_records(data_file) -> list:
            for number, record in read_file_records(path)]
     if not raw:
         raise MedLoRAError(f"{path}: no records (empty file)")
-    fmt = detect_format(rename_fields(raw[0][1], {}, str(path), raw[0][0]), str(path), raw[0][0])
-    records = []
+    records, problems, fmt = [], [], None
     for number, record in raw:
         where = f"{path}: record {number}"
-        record, has_reference = with_reply_slot(rename_fields(record, {}, str(path), number), fmt, where)
-        conversation = to_conversation(record, fmt, where)
+        try:
+            record = rename_fields(record, {}, str(path), number)
+            fmt = fmt or detect_format(record, str(path), number)
+            record, has_reference = with_reply_slot(record, fmt, where)
+            conversation = to_conversation(record, fmt, where)
+        except MedLoRAError as problem:
+            problems.append(str(problem))
+            continue
         reply = conversation.messages.pop()
         records.append(PredictionRecord(number, conversation.messages, conversation.system,
                                         reply["content"] if has_reference else None, where))
-    return records
+    refuse_bad_records(path, problems, skip_bad_records, kept=len(records), rest=rest)
+    return records, problems
 
 
 def with_reply_slot(record: dict, fmt: str, where: str) -> tuple:

@@ -14,12 +14,12 @@ import torch
 from trl import GRPOTrainer
 
 from medlora.data.preference import load_preference_pairs, with_reply
-from medlora.data.records import SUPPORTED_SUFFIXES, read_file_records, read_text
+from medlora.data.records import SUPPORTED_SUFFIXES, read_file_records, read_text, skipped_lines
 from medlora.data.templates import Conversation, PromptTemplate
 from medlora.data.tokenization import ConversationEncoder
 from medlora.errors import MedLoRAError
 from medlora.inference.generation import StopStrings
-from medlora.inference.predictions import read_prediction_records
+from medlora.inference.predictions import read_predictions_checked
 from medlora.training.reward_model import score_sequences
 
 ADVICE = re.compile(r"\b(doctors?|physicians?|clinicians?|GP|nurses?|pharmacists?|midwife|emergency|"
@@ -27,9 +27,13 @@ ADVICE = re.compile(r"\b(doctors?|physicians?|clinicians?|GP|nurses?|pharmacists
                     re.IGNORECASE)
 
 
-def load_prompts(data_path) -> list:
+def load_prompts(data_path, skip_bad_records: bool = False) -> list:
     """Conversations ending with the user's turn, from a .txt file (one question a line), preference
-    files, or any record file finetune.py or generate.py reads; a folder is read file by file."""
+    files, or any record file finetune.py or generate.py reads; a folder is read file by file.
+
+    Every record of every file is checked before any is refused, so one run lists all the bad ones
+    (records.refuse_bad_records); with skip_bad_records they are dropped, and the lines saying which are
+    printed with the data summary."""
     path = Path(str(data_path)).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (*SUPPORTED_SUFFIXES, ".txt"))
@@ -39,19 +43,25 @@ def load_prompts(data_path) -> list:
         files = [path]
     else:
         raise MedLoRAError(f"{data_path}: no such file or folder")
-    conversations = []
+    conversations, skipped = [], []
     for file in files:
         if file.suffix == ".txt":
             lines = [(n, line.strip()) for n, line in enumerate(read_text(file).splitlines(), 1)]
             found = [Conversation([{"role": "user", "content": text}], None, f"{file}: line {n}")
                      for n, text in lines if text]
+            problems = []  # (an empty line is no prompt, not a bad one)
         elif (records := read_file_records(file)) and isinstance(records[0][1], dict) and "chosen" in records[0][1]:
-            found = [pair.conversation for pair in load_preference_pairs(file).pairs]
+            loaded = load_preference_pairs(file, skip_bad_records=skip_bad_records)
+            found, problems = [pair.conversation for pair in loaded.pairs], loaded.skipped_records
         else:
-            found = [Conversation(r.messages, r.system, r.source) for r in read_prediction_records(file)]
+            records, problems = read_predictions_checked(file, skip_bad_records, rest="trains on the rest")
+            found = [Conversation(r.messages, r.system, r.source) for r in records]
         if not found:
             raise MedLoRAError(f"{file}: no prompts (empty file)")
+        skipped += problems
         conversations += found
+    for line in skipped_lines(data_path, "prompt records", skipped):
+        print(line, flush=True)
     return conversations
 
 
