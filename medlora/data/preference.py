@@ -16,10 +16,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from medlora.data.records import (
-    MESSAGE_ROLES,
-    SHAREGPT_ROLES,
     detect_by_fields,
     field_text,
+    parse_turns,
     skip_reasons,
     usage_lines,
     validate_records,
@@ -96,7 +95,7 @@ def to_preference_pair(record: dict, fmt: str, where: str) -> PreferencePair:
         messages = _history_messages(record, where)
         messages.append({"role": "user", "content": field_text(record, "prompt", where)})
     else:
-        messages, system = _prompt_turns(record, fmt, where, system)
+        messages, system = parse_turns(record, fmt, where, system, last_role="user")
     chosen, rejected = field_text(record, "chosen", where), field_text(record, "rejected", where)
     if chosen.strip() == rejected.strip():
         raise MedLoRAError(f"{where}: field 'rejected': identical to 'chosen', so the pair teaches nothing")
@@ -114,41 +113,6 @@ def _history_messages(record: dict, where: str) -> list:
             raise MedLoRAError(f"{where}: field 'history[{index}]': expected a pair of non-empty strings")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     return messages
-
-
-def _prompt_turns(record: dict, fmt: str, where: str, system):
-    key, role_key, content_key, roles = (
-        ("conversations", "from", "value", SHAREGPT_ROLES) if fmt == "sharegpt"
-        else ("messages", "role", "content", MESSAGE_ROLES)
-    )
-    turns = record.get(key)
-    if not isinstance(turns, list) or not turns:
-        raise MedLoRAError(f"{where}: field '{key}': expected a non-empty list of turns ending with the user's")
-    messages = []
-    for index, turn in enumerate(turns):
-        turn_field = f"{key}[{index}]"
-        if not isinstance(turn, dict):
-            raise MedLoRAError(f"{where}: field '{turn_field}': expected an object with '{role_key}' and "
-                               f"'{content_key}'")
-        role = roles.get(str(turn.get(role_key)).lower())
-        if role is None:
-            raise MedLoRAError(f"{where}: field '{turn_field}.{role_key}': unknown role {turn.get(role_key)!r}; "
-                               f"expected one of {sorted(roles)}")
-        content = field_text(turn, content_key, where, allow_empty=(role == "system"),
-                        field_name=f"{turn_field}.{content_key}")
-        if role == "system":
-            if index != 0:
-                raise MedLoRAError(f"{where}: field '{turn_field}.{role_key}': a system turn may only come first")
-            system = content or system
-            continue
-        expected = "user" if len(messages) % 2 == 0 else "assistant"
-        if role != expected:
-            raise MedLoRAError(f"{where}: field '{turn_field}.{role_key}': expected a {expected} turn "
-                               "(turns must alternate, user first)")
-        messages.append({"role": role, "content": content})
-    if not messages or messages[-1]["role"] != "user":
-        raise MedLoRAError(f"{where}: field '{key}': the last turn must be the user's (chosen and rejected answer it)")
-    return messages, system
 
 
 # ---- tokenization ----------------------------------------------------------------------------------------

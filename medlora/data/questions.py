@@ -17,7 +17,13 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medlora.data.records import field_text, read_sources, refuse_bad_records, rename_fields, skipped_lines
+from medlora.data.records import (
+    field_text,
+    read_sources,
+    refuse_bad_records,
+    rename_fields,
+    skipped_lines,
+)
 from medlora.data.templates import Conversation
 from medlora.errors import MedLoRAError
 

@@ -335,14 +335,23 @@ def to_conversation(record: dict, fmt: str, where: str) -> Conversation:
 
 
 def _turns(record: dict, fmt: str, where: str) -> Conversation:
+    system = field_text(record, "system", where, required=False, allow_empty=True) or None
+    messages, system = parse_turns(record, fmt, where, system, last_role="assistant")
+    return Conversation(messages, system, where)
+
+
+def parse_turns(record: dict, fmt: str, where: str, system, last_role: str) -> tuple:
+    """(messages, system) of a sharegpt or messages record: alternating user/assistant turns after an optional
+    system turn, the last one `last_role`'s (the assistant's in SFT data, the user's in a preference prompt)."""
     key, role_key, content_key, roles = (
         ("conversations", "from", "value", SHAREGPT_ROLES) if fmt == "sharegpt"
         else ("messages", "role", "content", MESSAGE_ROLES)
     )
+    last_turn = "the assistant's reply" if last_role == "assistant" else "the user's (chosen and rejected answer it)"
     turns = record.get(key)
     if not isinstance(turns, list) or not turns:
-        raise MedLoRAError(f"{where}: field '{key}': expected a non-empty list of turns")
-    system = field_text(record, "system", where, required=False, allow_empty=True) or None
+        ending = "" if last_role == "assistant" else " ending with the user's"
+        raise MedLoRAError(f"{where}: field '{key}': expected a non-empty list of turns{ending}")
     messages = []
     for index, turn in enumerate(turns):
         turn_field = f"{key}[{index}]"
@@ -353,20 +362,20 @@ def _turns(record: dict, fmt: str, where: str) -> Conversation:
             raise MedLoRAError(f"{where}: field '{turn_field}.{role_key}': unknown role {turn.get(role_key)!r}; "
                                f"expected one of {sorted(roles)}")
         content = field_text(turn, content_key, where, allow_empty=(role == "system"),
-                        field_name=f"{turn_field}.{content_key}")
+                             field_name=f"{turn_field}.{content_key}")
         if role == "system":
             if index != 0:
                 raise MedLoRAError(f"{where}: field '{turn_field}.{role_key}': a system turn may only come first")
-            system = content
+            system = content or system
             continue
         expected = "user" if len(messages) % 2 == 0 else "assistant"
         if role != expected:
             raise MedLoRAError(f"{where}: field '{turn_field}.{role_key}': expected a {expected} turn "
                                "(turns must alternate, user first)")
         messages.append({"role": role, "content": content})
-    if not messages or messages[-1]["role"] != "assistant":
-        raise MedLoRAError(f"{where}: field '{key}': the last turn must be the assistant's reply")
-    return Conversation(messages, system, where)
+    if not messages or messages[-1]["role"] != last_role:
+        raise MedLoRAError(f"{where}: field '{key}': the last turn must be {last_turn}")
+    return messages, system
 
 
 def _alpaca(record: dict, where: str) -> Conversation:
