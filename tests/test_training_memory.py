@@ -1,9 +1,11 @@
-"""medlora/training/memory.py: LoRA dropout without copies computes what PEFT computes (tiny model, CPU)."""
+"""medlora/training/memory.py: LoRA dropout without copies computes what PEFT computes (tiny model, CPU);
+medlora/training/malloc.py: the glibc settings apply."""
 
 import pytest
 import torch
 
-from medlora.training.memory import lean_malloc, reduce_training_memory, restore_training_memory, trim_malloc
+from medlora.training.malloc import lean_malloc, trim_malloc
+from medlora.training.memory import reduce_training_memory, restore_training_memory
 
 
 def lora_model(tiny_model_path, dropout, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -69,3 +71,18 @@ def test_malloc_settings_apply_on_glibc():
     glibc = os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else ""
     assert lean_malloc() == bool(glibc and glibc.startswith("glibc"))
     trim_malloc()
+
+
+def test_restart_with_lean_malloc_reexecutes_once_with_the_tcache_off():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from medlora.training.malloc import restart_with_lean_malloc; "
+            "print('run', flush=True); restart_with_lean_malloc(); print(os.environ.get('GLIBC_TUNABLES'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MEDLORA_DEFAULT_MALLOC")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["run", "run", "glibc.malloc.tcache_count=0"]  # started twice, the second time with it
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "MEDLORA_DEFAULT_MALLOC": "1"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["run", "None"]

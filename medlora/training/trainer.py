@@ -25,7 +25,8 @@ from medlora.errors import MedLoRAError
 from medlora.run_folder import CHECKPOINT_COMPLETE, RunFolder
 from medlora.training import distributed
 from medlora.training.loss import label_only_loss
-from medlora.training.memory import lean_malloc, reduce_training_memory, trim_malloc
+from medlora.training.malloc import lean_malloc, trim_malloc
+from medlora.training.memory import reduce_training_memory
 
 logger = logging.getLogger(__name__)
 
