@@ -86,3 +86,16 @@ def test_restart_with_lean_malloc_reexecutes_once_with_the_tcache_off():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "MEDLORA_DEFAULT_MALLOC": "1"},
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["run", "None"]
+
+
+def test_checkpointed_cpu_runs_take_the_loss_in_smaller_chunks(tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    from medlora.training.loss import CHUNK, chunk_rows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    hidden = torch.zeros(2, model.config.hidden_size)
+    assert chunk_rows(model, hidden, 49152) == CHUNK
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert chunk_rows(model, hidden, 49152) == 64  # 12 MiB of fp32 logits
+    assert chunk_rows(model, hidden, 1_000_000) == 16
