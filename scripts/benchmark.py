@@ -620,6 +620,8 @@ def render_report(results, machine, records, device, shape="cpu") -> str:
              f"{machine['versions']}; load average (1, 5, 15 min) {load(machine['load_before'])} before, "
              f"{load(machine.get('load_after', machine['load_before']))} after.",
              f"Data: {machine.get('bench_data', default_bench_data())}.", ""]
+    if shape == "smollm2-135m":  # a built-in model brings its own tokenizer
+        lines[1] = lines[1].split(", tokenizer: ")[0] + ", tokenizer: SmolLM2's own."
     training = [r for r in results if r["config"] in TRAINING_CONFIGS]
     memory = "peak CUDA MiB" if device == "cuda" else "peak RSS MiB"
     precision = "fp32" if device == "cpu" else "bf16"
