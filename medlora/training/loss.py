@@ -26,7 +26,7 @@ CHECKPOINTED_CPU_CHUNK_BYTES = 12 << 20
 def chunk_rows(model, hidden, vocab_size: int) -> int:
     """CHUNK rows, or, on CPU under gradient checkpointing (memory asked for over speed), the largest power of two
     of rows whose fp32 logits fit in CHECKPOINTED_CPU_CHUNK_BYTES (16 to CHUNK)."""
-    if hidden.device.type != "cpu" or not getattr(unwrap(model), "is_gradient_checkpointing", False):
+    if hidden.device.type != "cpu" or not getattr(unwrap(model), "is_activation_checkpointing", False):
         return CHUNK
     rows = max(1, CHECKPOINTED_CPU_CHUNK_BYTES // (4 * vocab_size))
     return max(16, min(CHUNK, 1 << (rows.bit_length() - 1)))
