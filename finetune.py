@@ -235,4 +235,7 @@ def print_data_summary(loaded, train_report, val_report, cutoff_len, model, temp
 
 
 if __name__ == "__main__":
+    from medlora.training.malloc import restart_with_lean_malloc
+
+    restart_with_lean_malloc()  # once, before anything loads: glibc's tcache off (less memory on CPU)
     cli.run(train)

@@ -1,12 +1,15 @@
 """Benchmark MedLoRA's training path against the alpaca-lora pipeline and TRL's SFTTrainer, in one run.
 
-    python scripts/benchmark.py                        # the CPU bench (256 records); writes docs/BENCHMARKS.md
-    python scripts/benchmark.py --quick --no_write     # 32 records, prints the table only (a smoke test)
+    python scripts/benchmark.py                        # both CPU shapes (below); writes docs/BENCHMARKS.md
+    python scripts/benchmark.py --shapes smollm2-135m  # the real SmolLM2-135M only
+    python scripts/benchmark.py --quick --shapes cpu --no_write   # 32 records, prints the table only (a smoke test)
     python scripts/benchmark.py --configs medlora,alpaca_lora --no_write
     python scripts/benchmark.py --device cuda          # GPU shapes: Llama-3.2-1B and Llama-3.1-8B, LoRA and QLoRA, bf16
 
-Every configuration trains the same random-weight LLaMA-architecture model on the same records, in the
-same order, with the same batch size, precision, LoRA settings, learning rate and seed, each in its own
+CPU shapes: `cpu`, a random-weight LLaMA-architecture model (hidden 256, 4 layers, vocabulary 32,000, LoRA on
+q_proj/v_proj), and `smollm2-135m`, the built-in real SmolLM2-135M-Instruct (30 layers, hidden 576, vocabulary
+49,152, its own tokenizer, LoRA on all seven linear layers). Every configuration trains the same model on the same
+records, in the same order, with the same batch size, precision, LoRA settings, learning rate and seed, each in its own
 process (this script re-started with --config NAME --json_out PATH), so that peak memory is its own:
 
   medlora           finetune.train(...): the code finetune.py runs (label-only logits, padding-free batches)
@@ -58,6 +61,13 @@ EXTRA_CONFIGS = ("data_prep", "generation")
 PEERS = TRAINING_CONFIGS[1:]
 BENCH = dict(micro_batch_size=8, cutoff_len=512, learning_rate=3e-4, lora_r=8, lora_alpha=16, lora_dropout=0.05,
              lora_target_modules=["q_proj", "v_proj"], cpu_threads=2, new_tokens=64)
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# CPU shapes: the model (random weights from CPU_SHAPE, or a built-in), LoRA targets, default records (full, --quick)
+CPU_SHAPES = {
+    "cpu": dict(model="random", lora_target_modules=["q_proj", "v_proj"], records=256, quick_records=32),
+    "smollm2-135m": dict(model="builtin:smollm2-135m-instruct", lora_target_modules=ALL_LINEAR, records=40,
+                         quick_records=16),
+}
 CPU_SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
@@ -79,7 +89,7 @@ SECTION = "<!-- benchmark:{device}:{edge} -->"
 
 
 def main(configs: str = ",".join(TRAINING_CONFIGS + EXTRA_CONFIGS), device: str = "cpu", quick: bool = False,
-         records: int = 0, shapes: str = ",".join(GPU_SHAPES), quant: str = "lora,qlora", no_write: bool = False,
+         records: int = 0, shapes: str = "", quant: str = "lora,qlora", no_write: bool = False,
          doc: str = str(DOC_PATH), keep: bool = False, data_path: str = "",
          # worker mode (used by the script itself)
          config: str = "", json_out: str = "", bench_dir: str = "", shape: str = "cpu", quant_mode: str = "lora"):
@@ -89,8 +99,9 @@ def main(configs: str = ",".join(TRAINING_CONFIGS + EXTRA_CONFIGS), device: str 
         configs: Comma-separated: medlora, alpaca_lora, trl, trl_padding_free, data_prep, generation.
         device: cpu (the fixed CPU bench) or cuda (GPU shapes; needs a GPU).
         quick: 32 training records and 512 data-prep records: a smoke test, not a measurement.
-        records: Training records (the first N of genmedgpt_5k); default 256, or 32 with --quick.
-        shapes: With --device cuda: llama-3.2-1b, llama-3.1-8b (comma-separated).
+        records: Training records per shape (the first N of the data); default 256 (cpu) or 40 (smollm2-135m),
+            32 or 16 with --quick.
+        shapes: Comma-separated; cpu: cpu, smollm2-135m (default both); cuda: llama-3.2-1b, llama-3.1-8b (default both).
         quant: With --device cuda: lora (bf16 base), qlora (4-bit NF4 base), comma-separated.
         no_write: Print the table only; leave docs/BENCHMARKS.md alone.
         doc: The Markdown file whose marked section receives the table.
@@ -109,11 +120,11 @@ def main(configs: str = ",".join(TRAINING_CONFIGS + EXTRA_CONFIGS), device: str 
                            f"choose from {', '.join(TRAINING_CONFIGS + EXTRA_CONFIGS)}")
     if device not in ("cpu", "cuda"):
         raise MedLoRAError(f"--device: unknown value {device!r}; use cpu or cuda")
-    records = int(records) or (32 if quick else 256)
-    bench_records = read_bench_records(data_path, records)
-    if records < 16:
+    if records and int(records) < 16:
         raise MedLoRAError(f"--records {records}: use at least 16 (two optimizer steps of 8)")
     runs = plan_runs(names, device, shapes, quant)
+    counts = {shape: int(records) or shape_records(shape, quick) for shape in dict.fromkeys(s for _, s, _ in runs)}
+    bench_records = read_bench_records(data_path, max(counts.values()))
 
     import torch
     from tqdm import tqdm
@@ -124,7 +135,9 @@ def main(configs: str = ",".join(TRAINING_CONFIGS + EXTRA_CONFIGS), device: str 
     machine = describe_machine(device)
     results = []
     try:
-        (work / "train.json").write_text(json.dumps(bench_records, ensure_ascii=False), encoding="utf-8")
+        for run_shape, count in counts.items():
+            data_file(work, run_shape).write_text(json.dumps(bench_records[:count], ensure_ascii=False),
+                                                  encoding="utf-8")
         machine["bench_data"] = f"{data_path or default_bench_data()} ({len(bench_records)} records), tokenizer: " \
                                 f"{'LLaMA' if LLAMA_TOKENIZER.is_file() else 'the tiny model SentencePiece'}"
         for run_shape in dict.fromkeys(shape_name for _, shape_name, _ in runs):
@@ -140,15 +153,19 @@ def main(configs: str = ",".join(TRAINING_CONFIGS + EXTRA_CONFIGS), device: str 
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    report = render_report(results, machine, records, device)
-    print("\n" + report)
+    reports = {device if name in ("cpu", *GPU_SHAPES) else f"{device}-{name}":
+               render_report([r for r in results if r.get("shape") == name or device == "cuda"], machine,
+                             min(counts[name], len(bench_records)), device, name)
+               for name in (counts if device == "cpu" else [next(iter(counts))])}
+    print("\n" + "\n\n".join(reports.values()))
     failed = [r["label"] for r in results if "error" in r]
     if failed:  # a partial table never replaces a complete one
         raise MedLoRAError(f"{len(failed)} configuration(s) failed: {', '.join(failed)} (their logs above); "
                            f"{doc} left unchanged")
     if not no_write:
-        write_section(Path(doc), device, report)
-        print(f"\nwritten to {doc}")
+        for key, report in reports.items():
+            write_section(Path(doc), key, report)
+        print(f"\nwritten to {doc} ({', '.join(reports)})")
 
 
 def split_names(value) -> list:
@@ -158,10 +175,14 @@ def split_names(value) -> list:
 
 
 def plan_runs(names, device, shapes, quant) -> list:
-    """(configuration, model shape, quantization) for every process to start, in order."""
+    """(configuration, model shape, quantization) for every process to start, in order. On CPU, data_prep and
+    generation run once, on the first shape."""
+    shape_names, quant_modes = split_names(shapes) or list(CPU_SHAPES if device == "cpu" else GPU_SHAPES), split_names(quant)
     if device == "cpu":
-        return [(name, "cpu", "lora") for name in names]
-    shape_names, quant_modes = split_names(shapes), split_names(quant)
+        if any(s not in CPU_SHAPES for s in shape_names):
+            raise MedLoRAError(f"--shapes {shapes!r}: choose from {', '.join(CPU_SHAPES)} with --device cpu")
+        training = [(name, s, "lora") for s in shape_names for name in names if name in TRAINING_CONFIGS]
+        return training + [(name, shape_names[0], "lora") for name in names if name not in TRAINING_CONFIGS]
     if not shape_names or any(s not in GPU_SHAPES for s in shape_names):
         raise MedLoRAError(f"--shapes {shapes!r}: choose from {', '.join(GPU_SHAPES)}")
     if not quant_modes or any(q not in ("lora", "qlora") for q in quant_modes):
@@ -173,6 +194,15 @@ def plan_runs(names, device, shapes, quant) -> list:
 
 
 # ---- bench preparation (parent process) --------------------------------------------------------------------
+def shape_records(shape, quick) -> int:
+    settings = CPU_SHAPES.get(shape, CPU_SHAPES["cpu"])
+    return settings["quick_records"] if quick else settings["records"]
+
+
+def data_file(bench: Path, shape: str) -> Path:
+    return bench / f"train-{shape}.json"
+
+
 def default_bench_data() -> str:
     return str(DATASET if DATASET.is_file() else DATA_DIR / "sft" / "medical_chat_en.json")
 
@@ -206,8 +236,14 @@ def bench_tokenizer_model() -> Path:
 
 
 def build_bench_model(folder: Path, shape: str, device: str) -> None:
-    """A random-weight (seed 0) LLaMA-architecture model with the original LLaMA tokenizer, saved like a hub
-    checkpoint so that every configuration loads the very same weights."""
+    """A built-in model's cached folder (linked), or a random-weight (seed 0) LLaMA-architecture model with the
+    original LLaMA tokenizer, saved like a hub checkpoint so that every configuration loads the very same weights."""
+    builtin = CPU_SHAPES.get(shape, {}).get("model", "random")
+    if builtin != "random":
+        from medlora.models.loading import resolve_base_model
+
+        folder.symlink_to(Path(resolve_base_model(builtin)).resolve(), target_is_directory=True)
+        return
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -247,7 +283,7 @@ def run_in_subprocess(work, label, name, shape, quant, device, quick) -> dict:
     if process.returncode != 0 or not json_out.is_file():
         tail = log_file.read_text(errors="replace").splitlines()[-25:]
         print(f"\n{label} failed (exit {process.returncode}); last lines of its log:\n" + "\n".join(tail))
-        return dict(label=label, config=name, error=f"exit {process.returncode}")
+        return dict(label=label, config=name, shape=shape, quant=quant, error=f"exit {process.returncode}")
     result = json.loads(json_out.read_text())
     result.update(label=label, wall_s=time.time() - started)
     return result
@@ -255,6 +291,10 @@ def run_in_subprocess(work, label, name, shape, quant, device, quick) -> dict:
 
 # ---- worker mode: one configuration per process --------------------------------------------------------------
 def run_worker(config, json_out, bench_dir, device, shape, quant, quick):
+    if config == "medlora":
+        from medlora.training.malloc import restart_with_lean_malloc
+
+        restart_with_lean_malloc()  # what `python finetune.py` does first (re-executes this worker once)
     import torch
 
     if device == "cpu":
@@ -264,9 +304,9 @@ def run_worker(config, json_out, bench_dir, device, shape, quant, quick):
     if config == "data_prep":
         result = measure_data_prep(model_dir, bench, limit=512 if quick else None)
     elif config == "generation":
-        result = measure_generation(model_dir, bench / "train.json", device, repeats=1 if quick else 3)
+        result = measure_generation(model_dir, data_file(bench, shape), device, repeats=1 if quick else 3)
     else:
-        result = measure_training(config, model_dir, bench, device, quant)
+        result = measure_training(config, model_dir, bench, device, shape, quant)
     result.update(config=config, shape=shape, quant=quant, max_rss_mib=max_rss_mib())
     if device == "cuda":
         result["max_cuda_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -277,9 +317,9 @@ def max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def bench_records(bench: Path) -> list:
+def bench_records(bench: Path, shape: str) -> list:
     """The training records in the order every configuration sees them: finetune.py's seeded shuffle."""
-    records = json.loads((bench / "train.json").read_text(encoding="utf-8"))
+    records = json.loads(data_file(bench, shape).read_text(encoding="utf-8"))
     random.Random(SEED).shuffle(records)
     return records
 
@@ -294,11 +334,15 @@ def training_arguments(cls, output_dir, device, **overrides):
                **overrides)
 
 
-def lora_config():
+def lora_targets(shape) -> list:
+    return list(CPU_SHAPES.get(shape, {}).get("lora_target_modules", BENCH["lora_target_modules"]))
+
+
+def lora_config(shape):
     from peft import LoraConfig
 
     return LoraConfig(r=BENCH["lora_r"], lora_alpha=BENCH["lora_alpha"], lora_dropout=BENCH["lora_dropout"],
-                      target_modules=list(BENCH["lora_target_modules"]), bias="none", task_type="CAUSAL_LM")
+                      target_modules=lora_targets(shape), bias="none", task_type="CAUSAL_LM")
 
 
 def load_peer_model(model_dir, device, quant):
@@ -322,9 +366,13 @@ class TrainingMeter:
         from transformers import TrainerCallback
 
         step_ends = self.step_ends = []  # (wall clock, process CPU time) at the end of every optimizer step
+        step_begins = self.step_begins = []  # wall clock at the start of every optimizer step
         self.batches = []  # (positions, non-pad tokens, trained tokens) of every collated batch
 
         class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                step_begins.append(time.perf_counter())
+
             def on_step_end(self, args, state, control, **kwargs):
                 step_ends.append((time.perf_counter(), time.process_time()))
 
@@ -371,10 +419,11 @@ class TrainingMeter:
                     cpu_seconds=cpu_seconds, trained_tokens_per_cpu_s=trained / cpu_seconds,
                     real_tokens_per_s=real / seconds, padded_fraction=1 - sum(non_pad) / sum(positions),
                     trained_tokens=sum(trained_per_batch), real_tokens=sum(non_pad),
-                    batch_positions=positions, batch_trained_tokens=trained_per_batch)
+                    batch_positions=positions, batch_trained_tokens=trained_per_batch,
+                    step_seconds=[end[0] - begin for begin, end in zip(self.step_begins, self.step_ends)])
 
 
-def measure_training(config, model_dir, bench, device, quant) -> dict:
+def measure_training(config, model_dir, bench, device, shape, quant) -> dict:
     import torch
 
     meter = TrainingMeter()
@@ -383,11 +432,12 @@ def measure_training(config, model_dir, bench, device, quant) -> dict:
         torch.cuda.reset_peak_memory_stats()
     with meter.attached_to_every_trainer():
         if config == "medlora":
-            trainer = train_medlora(model_dir, bench, output_dir, device, quant)
+            trainer = train_medlora(model_dir, bench, output_dir, device, shape, quant)
         elif config == "alpaca_lora":
-            trainer = train_alpaca_lora(model_dir, bench, output_dir, device, quant)
+            trainer = train_alpaca_lora(model_dir, bench, output_dir, device, shape, quant)
         else:
-            trainer = train_trl(model_dir, bench, output_dir, device, quant, padding_free=config == "trl_padding_free")
+            trainer = train_trl(model_dir, bench, output_dir, device, shape, quant,
+                                padding_free=config == "trl_padding_free")
     history = trainer.state.log_history
     result = meter.summary()
     result.update(final_loss=next(h["train_loss"] for h in history if "train_loss" in h),
@@ -396,21 +446,21 @@ def measure_training(config, model_dir, bench, device, quant) -> dict:
     return result
 
 
-def train_medlora(model_dir, bench, output_dir, device, quant):
+def train_medlora(model_dir, bench, output_dir, device, shape, quant):
     import finetune
 
     result = finetune.train(
-        base_model=str(model_dir), data_path=str(bench / "train.json"), output_dir=str(output_dir),
+        base_model=str(model_dir), data_path=str(data_file(bench, shape)), output_dir=str(output_dir),
         prompt_template_name="alpaca", batch_size=BENCH["micro_batch_size"],
         micro_batch_size=BENCH["micro_batch_size"], num_epochs=1, learning_rate=BENCH["learning_rate"],
         warmup_steps=0, cutoff_len=BENCH["cutoff_len"], val_set_size=0, seed=SEED, lora_r=BENCH["lora_r"],
         lora_alpha=BENCH["lora_alpha"], lora_dropout=BENCH["lora_dropout"],
-        lora_target_modules=",".join(BENCH["lora_target_modules"]), precision="fp32" if device == "cpu" else "bf16",
+        lora_target_modules=",".join(lora_targets(shape)), precision="fp32" if device == "cpu" else "bf16",
         load_in_4bit=quant == "qlora", logging_steps=1, save_steps=10**9)
     return result.trainer
 
 
-def train_alpaca_lora(model_dir, bench, output_dir, device, quant):
+def train_alpaca_lora(model_dir, bench, output_dir, device, shape, quant):
     """alpaca-lora's finetune.py, re-implemented step by step (tloen/alpaca-lora). Its unseeded
     `data.shuffle()` is replaced by finetune.py's seeded shuffle so that every configuration sees the
     same batches; its torch.compile and 8-bit loading are left out (see docs/BENCHMARKS.md)."""
@@ -446,8 +496,8 @@ def train_alpaca_lora(model_dir, bench, output_dir, device, quant):
 
     transformers.set_seed(SEED)
     model = load_peer_model(model_dir, device, quant)
-    model = get_peft_model(model, lora_config())
-    train_data = Dataset.from_list(bench_records(bench)).map(generate_and_tokenize_prompt)
+    model = get_peft_model(model, lora_config(shape))
+    train_data = Dataset.from_list(bench_records(bench, shape)).map(generate_and_tokenize_prompt)
     trainer = transformers.Trainer(
         model=model, train_dataset=train_data,
         args=training_arguments(transformers.TrainingArguments, output_dir, device, optim="adamw_torch"),
@@ -459,7 +509,7 @@ def train_alpaca_lora(model_dir, bench, output_dir, device, quant):
     return trainer
 
 
-def train_trl(model_dir, bench, output_dir, device, quant, padding_free):
+def train_trl(model_dir, bench, output_dir, device, shape, quant, padding_free):
     import transformers
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -470,13 +520,13 @@ def train_trl(model_dir, bench, output_dir, device, quant, padding_free):
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     tokenizer.pad_token = tokenizer.unk_token  # as alpaca-lora and MedLoRA: a pad token that is not EOS
     rows = [{"prompt": template.generate_prompt(r["instruction"], r["input"]), "completion": r["output"] +
-             tokenizer.eos_token} for r in bench_records(bench)]
+             tokenizer.eos_token} for r in bench_records(bench, shape)]
     transformers.set_seed(SEED)
     args = training_arguments(SFTConfig, output_dir, device, packing=False, padding_free=padding_free,
                               completion_only_loss=True,
                               max_length=None if padding_free else BENCH["cutoff_len"])  # TRL: padding-free needs None
     trainer = SFTTrainer(model=load_peer_model(model_dir, device, quant), args=args,
-                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=lora_config())
+                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=lora_config(shape))
     trainer.train()
     return trainer
 
@@ -558,30 +608,39 @@ def ratio(a, b) -> float:
     return a / b if b else float("nan")
 
 
-def render_report(results, machine, records, device) -> str:
+SHAPE_TITLES = {"cpu": "random-weight LLaMA architecture (hidden 256, 4 layers, vocabulary 32,000)",
+                "smollm2-135m": "SmolLM2-135M-Instruct, real weights (builtin:smollm2-135m-instruct: 30 layers, "
+                                "hidden 576, vocabulary 49,152, its own tokenizer)"}
+
+
+def render_report(results, machine, records, device, shape="cpu") -> str:
     load = lambda values: ", ".join(f"{v:.2f}" for v in values)  # noqa: E731
     lines = [f"Measured {machine['date']} on {machine['gpu'] or machine['cpu']} "
              f"({machine['cores']} cores{', CPU training on ' + str(BENCH['cpu_threads']) + ' threads' if device == 'cpu' else ''}); "
              f"{machine['versions']}; load average (1, 5, 15 min) {load(machine['load_before'])} before, "
              f"{load(machine.get('load_after', machine['load_before']))} after.",
              f"Data: {machine.get('bench_data', default_bench_data())}.", ""]
+    if shape == "smollm2-135m":  # a built-in model brings its own tokenizer
+        lines[1] = lines[1].split(", tokenizer: ")[0] + ", tokenizer: SmolLM2's own."
     training = [r for r in results if r["config"] in TRAINING_CONFIGS]
     memory = "peak CUDA MiB" if device == "cuda" else "peak RSS MiB"
     precision = "fp32" if device == "cpu" else "bf16"
-    lines += [f"Training: the first {records} records of genmedgpt_5k (alpaca prompt, prompt masked, cutoff "
+    model = f"Model: {SHAPE_TITLES[shape]}. " if device == "cpu" else ""
+    lines += [f"{model}Training: the first {records} records of the data (alpaca prompt, prompt masked, cutoff "
               f"{BENCH['cutoff_len']}), one epoch, micro-batch {BENCH['micro_batch_size']}, {precision}, LoRA r="
-              f"{BENCH['lora_r']} on {'/'.join(BENCH['lora_target_modules'])}, lr {BENCH['learning_rate']} without "
+              f"{BENCH['lora_r']} on {'/'.join(lora_targets(shape))}, lr {BENCH['learning_rate']} without "
               f"warmup, seed {SEED}. Tokens/s count the training loop after its first step.",
               "", f"| configuration | trained tok/s | real tok/s | padded | {memory} | final loss | trained tokens | "
-              "steps | trained tok per CPU-s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "steps | trained tok per CPU-s | slowest step / median |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in training:
         if "error" in r:
-            lines.append(f"| {r['label']} | failed ({r['error']}) | | | | | | | |")
+            lines.append(f"| {r['label']} | failed ({r['error']}) | | | | | | | | |")
             continue
         per_cpu_second = f"{r['trained_tokens_per_cpu_s']:.0f}" if device == "cpu" else "-"
         lines.append(f"| {r['label']} | {r['trained_tokens_per_s']:.0f} | {r['real_tokens_per_s']:.0f} | "
                      f"{100 * r['padded_fraction']:.1f}% | {peak_memory(r, device):.0f} | {r['final_loss']:.4f} | "
-                     f"{r['trained_tokens']} | {r['steps']} | {per_cpu_second} |")
+                     f"{r['trained_tokens']} | {r['steps']} | {per_cpu_second} | "
+                     f"{max(r['step_seconds']) / statistics.median(r['step_seconds']):.2f} |")
     groups = {}
     for r in training:
         if "error" not in r:

@@ -35,7 +35,7 @@ def quick_run():
     shared_dataset("llama-tokenizer/tokenizer.model")
     doc = ROOT / "docs" / "BENCHMARKS.md"
     before = doc.read_bytes() if doc.exists() else None
-    result = run_script(SCRIPT, "--quick", "--configs", "medlora,alpaca_lora", "--no_write")
+    result = run_script(SCRIPT, "--quick", "--shapes", "cpu", "--configs", "medlora,alpaca_lora", "--no_write")
     after = doc.read_bytes() if doc.exists() else None
     return result.stdout, before == after
 
@@ -150,3 +150,16 @@ def test_a_clone_without_the_shared_folder_benches_the_bundled_data(tmp_path, mo
                      + "\n")
     with pytest.raises(MedLoRAError, match=r"chats.jsonl: record 1: the benchmark needs alpaca records"):
         bench.read_bench_records(str(chats), 20)
+
+
+def test_cpu_bench_runs_both_shapes_with_the_peers_in_the_same_run():
+    from medlora.errors import MedLoRAError
+
+    benchmark = load_benchmark_module()
+    runs = benchmark.plan_runs(["medlora", "alpaca_lora", "data_prep"], "cpu", "", "lora")
+    assert runs == [("medlora", "cpu", "lora"), ("alpaca_lora", "cpu", "lora"), ("medlora", "smollm2-135m", "lora"),
+                    ("alpaca_lora", "smollm2-135m", "lora"), ("data_prep", "cpu", "lora")]
+    assert benchmark.lora_targets("smollm2-135m") == benchmark.ALL_LINEAR
+    assert benchmark.lora_targets("cpu") == ["q_proj", "v_proj"]
+    with pytest.raises(MedLoRAError, match="--shapes"):
+        benchmark.plan_runs(["medlora"], "cpu", "nosuch", "lora")

@@ -2,7 +2,8 @@
 
 Prompt positions need no logits, so the output layer runs only where a label is. Where the output layer
 is a plain bias-free Linear (LLaMA, Mistral, Qwen, Gemma, GPT-2, GPT-NeoX, BLOOM, ...), the output layer and
-the cross-entropy are fused and chunked: logits exist for 256 positions at a time, and the gradient with
+the cross-entropy are fused and chunked: logits exist for 256 positions at a time (fewer on CPU under gradient
+checkpointing, see chunk_rows), and the gradient with
 respect to the hidden states is computed in the same pass, so neither logits nor their gradient are kept
 for backward. Other heads (a bias, softcapping, a LoRA or modules_to_save wrapper) take the plain path:
 the model's own output layer at the labelled positions (`logits_to_keep`).
@@ -17,6 +18,18 @@ from medlora.data.tokenization import IGNORE_INDEX
 PLAIN_OUTPUT_LAYER = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
                       "gpt2", "gpt_neox", "bloom"}
 CHUNK = 256
+# With gradient checkpointing on CPU, the loss's chunk was the peak of a SmolLM2-135M run: 256 rows (48 MiB of
+# logits) peaked at 1,615 MiB RSS, 64 rows at 1,385 MiB (docs/BENCHMARKS.md); the loss is slower in small chunks.
+CHECKPOINTED_CPU_CHUNK_BYTES = 12 << 20
+
+
+def chunk_rows(model, hidden, vocab_size: int) -> int:
+    """CHUNK rows, or, on CPU under gradient checkpointing (memory asked for over speed), the largest power of two
+    of rows whose fp32 logits fit in CHECKPOINTED_CPU_CHUNK_BYTES (16 to CHUNK)."""
+    if hidden.device.type != "cpu" or not getattr(unwrap(model), "is_activation_checkpointing", False):
+        return CHUNK
+    rows = max(1, CHECKPOINTED_CPU_CHUNK_BYTES // (4 * vocab_size))
+    return max(16, min(CHUNK, 1 << (rows.bit_length() - 1)))
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -98,7 +111,8 @@ def label_only_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tenso
         finally:
             handle.remove()
         hidden = captured["hidden"][rows, positions]
-        loss = FusedLinearCrossEntropy.apply(hidden, head.weight, targets[rows, positions], CHUNK)
+        loss = FusedLinearCrossEntropy.apply(hidden, head.weight, targets[rows, positions],
+                                             chunk_rows(model, hidden, head.weight.shape[0]))
     else:
         # Rows of a padded batch share logits_to_keep: keep the union of positions, pick each row's own.
         kept_positions = torch.unique(positions)

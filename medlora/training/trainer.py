@@ -25,6 +25,8 @@ from medlora.errors import MedLoRAError
 from medlora.run_folder import CHECKPOINT_COMPLETE, RunFolder
 from medlora.training import distributed
 from medlora.training.loss import label_only_loss
+from medlora.training.malloc import lean_malloc, trim_malloc
+from medlora.training.memory import reduce_training_memory
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,11 @@ class LabelOnlyLossTrainer(Trainer):
         # Makes the Trainer count trained tokens per accumulated batch and pass them as num_items_in_batch.
         self.model_accepts_loss_kwargs = True
         self.add_callback(MarkCompleteCheckpoints())
+        if self.args.device.type == "cpu":
+            # LoRA dropout keeps no float copies of its inputs; glibc gives freed memory back (memory.py)
+            reduce_training_memory(self.model)
+            lean_malloc()
+            self.add_callback(TrimMallocAfterSteps())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:  # evaluation: the plain mean over this batch's trained tokens
@@ -47,6 +54,11 @@ class LabelOnlyLossTrainer(Trainer):
             # num_items_in_batch counts every rank's tokens while DDP averages gradients over ranks.
             loss = loss * self.accelerator.num_processes
         return (loss, {}) if return_outputs else loss
+
+
+class TrimMallocAfterSteps(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        trim_malloc()
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------

@@ -1,0 +1,110 @@
+"""Less memory for LoRA training on CPU, with the same computation (same loss, same gradients, same RNG stream).
+
+Two measured causes of the peak on CPU (docs/BENCHMARKS.md, "Where the memory goes"); this module fixes the
+first, medlora/training/malloc.py the second (glibc malloc settings).
+
+1. **LoRA dropout copies.** PEFT computes `lora_B(lora_A(dropout(x))) * scaling`. On CPU, `nn.Dropout` draws a
+   float noise tensor (`bernoulli_(1 - p) / (1 - p)`) and multiplies: autograd keeps the noise for the dropout's
+   backward and `lora_A` keeps the dropped-out input for its weight gradient, two float copies of every adapted
+   module's input: on SmolLM2-135M with all seven linear layers adapted, 977 of 3,121 MiB saved for backward.
+   `DropoutLoraA`
+   computes `lora_A(dropout(x))` keeping `x` (the same tensor for q/k/v, and for gate/up) and a one-byte keep
+   mask; its backward rebuilds the noise and the dropped-out input from them and differentiates the very same
+   operations. The mask is drawn exactly as `nn.Dropout` draws it, so the random stream, and with it every
+   loss and gradient, is unchanged.
+2. **glibc malloc** holding freed memory: medlora/training/malloc.py.
+
+`reduce_training_memory(model)` installs `DropoutLoraA` on every plain PEFT LoRA Linear layer (an instance attribute:
+classes, saved files and inference are untouched); anything else (DoRA and other variants, quantized layers, mixed
+adapter batches, evaluation, GPUs) runs PEFT's own forward.
+"""
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+
+# ---- LoRA dropout without copies -------------------------------------------------------------------------------
+class DropoutLoraA(torch.autograd.Function):
+    """F.linear(nn.Dropout(p)(x), weight) on CPU, keeping x and a bool mask instead of two float copies of x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, p):
+        # The same calls as torch's CPU dropout (at::native::dropout): bernoulli_(1 - p), then div_(1 - p).
+        noise = torch.empty_like(x).bernoulli_(1 - p)
+        keep = noise.bool()
+        out = F.linear(x * noise.div_(1 - p), weight)
+        ctx.save_for_backward(x, keep, weight)
+        ctx.p = p
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, keep, weight = ctx.saved_tensors
+        noise = keep.to(x.dtype).div_(1 - ctx.p)
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            weight = weight.detach().requires_grad_(ctx.needs_input_grad[1])
+            out = F.linear(x * noise, weight)
+            wanted = [t for t in (x, weight) if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        return (next(grads) if x.requires_grad else None, next(grads) if weight.requires_grad else None, None)
+
+
+def _plain_lora_linear(module) -> bool:
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:
+        return False
+    return type(module) is LoraLinear  # quantized and other LoRA layers have forwards of their own
+
+
+def _lean_applies(layer, x, args, kwargs) -> bool:
+    if not (torch.is_grad_enabled() and layer.training and x.device.type == "cpu") or args or kwargs:
+        return False
+    if layer.disable_adapters or layer.merged:
+        return False
+    for name in layer.active_adapters:
+        if name not in layer.lora_A:
+            continue
+        dropout = layer.lora_dropout[name]
+        if (name in layer.lora_variant or type(layer.lora_A[name]) is not torch.nn.Linear
+                or layer.lora_A[name].bias is not None or type(dropout) is not torch.nn.Dropout
+                or not dropout.training or not 0 < dropout.p < 1):
+            return False
+    return True
+
+
+def _lean_lora_forward(self, x, *args, **kwargs):
+    """PEFT's LoraLinear.forward for plain LoRA adapters, with lora_A(dropout(x)) as one DropoutLoraA."""
+    if not _lean_applies(self, x, args, kwargs):
+        return type(self).forward(self, x, *args, **kwargs)
+    self._check_forward_args(x)
+    result = self.base_layer(x)
+    torch_result_dtype = result.dtype
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
+        lora_a = self.lora_A[name]
+        x = self._cast_input_dtype(x, lora_a.weight.dtype)
+        down = DropoutLoraA.apply(x, lora_a.weight, self.lora_dropout[name].p)
+        result = result + self.lora_B[name](down) * self.scaling[name]
+    return result.to(torch_result_dtype)
+
+
+def reduce_training_memory(model) -> int:
+    """Install DropoutLoraA on the model's plain PEFT LoRA Linear layers; returns how many. Idempotent."""
+    changed = 0
+    for module in model.modules():
+        if _plain_lora_linear(module) and "forward" not in module.__dict__:
+            module.forward = types.MethodType(_lean_lora_forward, module)
+            changed += 1
+    return changed
+
+
+def restore_training_memory(model) -> None:
+    """Undo reduce_training_memory: the class's own forward again."""
+    for module in model.modules():
+        if module.__dict__.get("forward") is not None and getattr(module.forward, "__func__", None) is _lean_lora_forward:
+            del module.forward
