@@ -137,8 +137,9 @@ def print_data_summary(loaded, train_pairs, val_pairs, flags, template, beta, mo
 
     trainable, total = count_parameters(model)
     print("\n".join([
-        *pair_summary_lines(loaded, train_pairs, val_pairs, flags.cutoff_len, template),
-        f"loss: {flags.loss} (beta {beta}); starting from: {lora_weights or 'a fresh LoRA adapter'}",
+        *pair_summary_lines(loaded, train_pairs, val_pairs, flags.cutoff_len, template,
+                            f"; loss: {flags.loss} (beta {beta})"),
+        f"starting from: {lora_weights or 'a fresh LoRA adapter'}",
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
     ]), flush=True)
 

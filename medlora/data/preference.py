@@ -192,7 +192,7 @@ def prepare_pairs(flags, template_name: str, data_tokenizer) -> tuple:
 
 
 def pair_summary_lines(loaded: LoadedPreferences, train_pairs: EncodedPairs, val_pairs: EncodedPairs, cutoff_len: int,
-                       template) -> list:
+                       template, stage_note: str = "") -> list:
     """The data summary of a preference stage: pairs read, used and dropped (by reason), lengths, truncation."""
     dropped = loaded.skipped + train_pairs.dropped + val_pairs.dropped
     lengths = sorted(len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
@@ -201,7 +201,7 @@ def pair_summary_lines(loaded: LoadedPreferences, train_pairs: EncodedPairs, val
         f"data: {loaded.describe()}",
         *usage_lines("pairs", len(loaded.pairs) + sum(loaded.skipped.values()), len(train_pairs.examples),
                      len(val_pairs.examples), dropped, loaded.skipped_records),
-        f"template: {template.name}",
+        f"template: {template.name}{stage_note}",
         f"tokens per training pair: median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
         f"truncated at cutoff_len={cutoff_len}: {train_pairs.truncated + val_pairs.truncated} pairs",
     ]
