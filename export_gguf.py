@@ -17,7 +17,6 @@ See docs/export.md.
 """
 
 import gc
-import logging
 
 from medlora import cli
 from medlora.flag_groups import EXPORT
@@ -60,20 +59,17 @@ def main(flags):
     from medlora.export.merge import (
         CHECK_PROMPT,
         check_logits,
-        check_output_dir,
+        export_inputs,
         find_tokenizer_model,
         merge_adapter,
-        resolve_inputs,
         staged_output,
         write_export_note,
     )
     from medlora.models.builtin import default_template_for
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if flags.outtype not in OUTTYPES:
         raise MedLoRAError(f"--outtype: unknown value {flags.outtype!r}; use {', '.join(OUTTYPES)}")
-    inputs = resolve_inputs(flags.base_model, flags.lora_weights)
-    target = check_output_dir(flags.output_dir, flags.force, inputs)
+    inputs, target = export_inputs(flags)
     base_config = AutoConfig.from_pretrained(inputs.model_path)
     check_architecture(base_config)
     template_name = (flags.prompt_template_name or inputs.run_settings.get("prompt_template_name")

@@ -15,7 +15,6 @@ with, noted in medlora_export.json). See docs/export.md.
 """
 
 import gc
-import logging
 
 from medlora import cli
 from medlora.flag_groups import EXPORT
@@ -34,20 +33,17 @@ def main(flags):
         max_shard_size: safetensors shard size, e.g. 2GB or 500MB.
     """
     from medlora.export.merge import (
-        check_output_dir,
         check_saved_checkpoint,
         dtype_name,
+        export_inputs,
         merge_adapter,
         resolve_dtype,
-        resolve_inputs,
         save_hf_checkpoint,
         staged_output,
         write_export_note,
     )
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    inputs = resolve_inputs(flags.base_model, flags.lora_weights)
-    target = check_output_dir(flags.output_dir, flags.force, inputs)
+    inputs, target = export_inputs(flags)
     torch_dtype = resolve_dtype(flags.dtype, inputs.model_path, flags.trust_remote_code)
 
     merged = merge_adapter(inputs, torch_dtype, flags.device, flags.trust_remote_code)

@@ -12,7 +12,6 @@ config. The merge is checked exactly as in export_hf_checkpoint.py. See docs/exp
 """
 
 import json
-import logging
 
 from medlora import cli
 from medlora.flag_groups import EXPORT
@@ -31,21 +30,18 @@ def main(flags):
 
     from medlora.export.merge import (
         check_meta_layout_supported,
-        check_output_dir,
         copy_tokenizer_model,
         dtype_name,
+        export_inputs,
         merge_adapter,
         meta_params,
         meta_state_dict,
         resolve_dtype,
-        resolve_inputs,
         staged_output,
         write_export_note,
     )
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    inputs = resolve_inputs(flags.base_model, flags.lora_weights)
-    target = check_output_dir(flags.output_dir, flags.force, inputs)
+    inputs, target = export_inputs(flags)
     base_config = AutoConfig.from_pretrained(inputs.model_path, trust_remote_code=flags.trust_remote_code)
     check_meta_layout_supported(base_config)
     torch_dtype = resolve_dtype(flags.dtype, inputs.model_path, flags.trust_remote_code)

@@ -8,6 +8,7 @@ beside its destination and renamed into place, so a folder is never left half-wr
 
 import datetime
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -56,6 +57,14 @@ def resolve_inputs(base_model: str, lora_weights: str) -> ExportInputs:
     if not base_model:
         raise MedLoRAError(f"--base_model is needed: {adapter.path} does not name the base model it was trained on")
     return ExportInputs(str(base_model), resolve_base_model(str(base_model)), adapter.path, adapter.settings)
+
+
+def export_inputs(flags) -> tuple:
+    """(ExportInputs, output folder) of an export script's flags (the EXPORT group), both checked before any
+    model loads."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    inputs = resolve_inputs(flags.base_model, flags.lora_weights)
+    return inputs, check_output_dir(flags.output_dir, flags.force, inputs)
 
 
 def resolve_dtype(name: str, model_path: str, trust_remote_code=False) -> torch.dtype:
