@@ -18,7 +18,9 @@ How each command is treated, in this order:
     process. A command that matches no rule and does not run fails the test.
 
 What may be added to a command (never changed in it): small step counts (SMALL_STEPS: --max_steps, a --batch_size
-of one micro-batch, --val_set_size, --limit, --max_new_tokens, --eval_prompts...) and, for commands that would train the default model
+of one micro-batch, --val_set_size, --limit, --max_new_tokens, --eval_prompts...), --overwrite_output_dir on training
+commands (a page lists alternatives that share a stage's default --output_dir, which a stage refuses to train into
+twice), and, for commands that would train the default model
 builtin:smollm2-135m-instruct, `--base_model builtin:tiny-llama` (TINY_BASE): two optimizer steps of the 135M model
 take minutes on 2 CPU cores (7 minutes measured on a loaded CI-sized machine), the suite's whole budget for this
 test. The commands downstream of those (evaluate, chat, generate, the exports, DPO/RL on ./lora-medlora) then run
@@ -59,6 +61,10 @@ SKIP = [
     (r"--device cuda", "needs a CUDA GPU"),
     (r"^scripts/benchmark\.py$|^python scripts/benchmark\.py$", "the full CPU bench: about 4 minutes, and it "
                                                                  "rewrites docs/BENCHMARKS.md"),
+    (r"^python scripts/benchmark\.py --shapes smollm2-135m\b", "the SmolLM2-135M bench: minutes per configuration, "
+                                                              "and it rewrites docs/BENCHMARKS.md"),
+    (r"^python scripts/memory_breakdown\.py$", "SmolLM2-135M forward passes of one micro-batch under four "
+                                              "settings: minutes on 2 cores, for docs/BENCHMARKS.md"),
     (r"(^|\s)\.\.\.(\s|$)", "an elided command (`...`): a pattern to fill in, not a command"),
     (r"^(vllm|cd gguf|ollama)\b|\bollama (create|run)\b", "needs vLLM or Ollama, which are other programs"),
     (r"^(git clone|pip install)\b", "needs the network (GitHub, PyPI)"),
@@ -79,7 +85,7 @@ if SHARED_MISSING:  # a user's clone: the seed project's datasets live beside th
 COVERED = [
     (r"^(WORK_DIR=\S+ )?bash scripts/run_pipeline_offline\.sh$",
      "tests/test_stages.py::test_offline_pipeline_script_chains_every_stage"),
-    (r"^python scripts/benchmark\.py --quick --configs medlora,alpaca_lora --no_write$",
+    (r"^python scripts/benchmark\.py --quick --shapes cpu --configs medlora,alpaca_lora --no_write$",
      "tests/test_benchmark.py::quick_run"),
     (r"--harness lm_eval --tasks medmcqa_style_sample --include_path data/eval/lm_eval_tasks$",
      "tests/test_lm_eval_parity.py::test_harness_compare_end_to_end"),
@@ -101,6 +107,7 @@ SMALL_STEPS = {
     "generate": ["--max_new_tokens", "8"],
 }
 TRAINING = {"finetune", "pretrain", "dpo", "reward", "rl"}
+LAUNCHERS = {"run_sft", "run_pt", "run_dpo", "run_rm", "run_rl"}
 TINY_BASE = ["--base_model", TINY]
 # What a command on the tiny model needs besides: its toy SentencePiece tokenizer (trained on the bundled chat data)
 # spends several times SmolLM2's tokens on the retrieved passages, so that at the default --cutoff_len 512 no
@@ -168,6 +175,8 @@ def with_small_steps(name: str, argv: list) -> list:
     for index in range(0, len(steps), 2):
         if steps[index] not in given:
             extra += steps[index:index + 2]
+    if (name in TRAINING or name in LAUNCHERS) and not given & {"--overwrite_output_dir", "--resume_from_checkpoint"}:
+        extra.append("--overwrite_output_dir")  # a page's alternatives share a stage's default --output_dir
     if "--help" in given or "--list_templates" in given:
         return argv
     return argv + extra

@@ -279,6 +279,9 @@ def test_a_full_queue_tells_the_user_the_app_is_busy(chat_model):
             ask(first, QUESTION)
             assert gate.held.wait(WAIT_S), "the first answer never started"
             ask(second, QUESTION)
+            # The question is shown once its first event (add_question) is done; then its answer joins the queue.
+            # Waiting for both keeps a busy machine from counting the short first event as the waiting answer.
+            second.locator('#chatbot [data-testid="user"]').first.wait_for(timeout=WAIT_S * 1000)
             deadline = time.monotonic() + WAIT_S
             while json.loads(http(url + "/gradio_api/queue/status")[1])["queue_size"] < 1:
                 assert time.monotonic() < deadline, "the second question never joined the queue"
