@@ -19,4 +19,6 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Test files are shared out over MEDLORA_TEST_WORKERS processes (default 2, one per core of the CI machine);
 # each file runs whole in one process, so its fixtures are built once. MEDLORA_TEST_WORKERS=0: one process.
-python -m pytest -n "${MEDLORA_TEST_WORKERS:-2}" --dist loadfile "$@"
+# The longest test files start first (tests/conftest.py orders them; xdist would otherwise put files with
+# the fewest tests, the real-model demo among them, last). --durations: the slowest tests, in CI's log too.
+python -m pytest -n "${MEDLORA_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder --durations=15 "$@"

@@ -95,7 +95,14 @@ def tiny_adapter(tmp_path_factory, tiny_model_path) -> Path:
 SLOW_FIXTURES = {"tiny_adapter", "quick_run", "trained", "pt_adapter", "reward_model", "rl_policy", "demo", "browser"}
 
 
+# The longest files start first (scripts/test.sh keeps this order with --no-loadscope-reorder): scheduled last,
+# the real-model demo alone kept one worker busy for its last 8 minutes while the other sat idle.
+LONGEST_FIRST = ("tests/test_real_model.py", "tests/test_stages.py", "tests/test_documented_commands.py")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+    rank = {path: index for index, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest keep order
