@@ -117,5 +117,3 @@ EXPORT = FlagGroup(
     dtype=Flag("auto", str, "auto (the base checkpoint's own dtype), float16, bfloat16 or float32."),
     trust_remote_code=MODEL.flags["trust_remote_code"],
 )
-
-SHARED_GROUPS = (MODEL, DEVICE, DATA, TRAINING, LORA, CHECKPOINTS, GENERATION, KNOWLEDGE, EXPORT)

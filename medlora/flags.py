@@ -18,13 +18,6 @@ from medlora.errors import MedLoRAError
 # Old names -> the one name every script uses (alpaca-lora's generate.py said load_8bit and prompt_template).
 ALIASES = {"load_8bit": "load_in_8bit", "load_4bit": "load_in_4bit", "prompt_template": "prompt_template_name"}
 
-def shared_flag_help() -> dict:
-    """Every shared flag's description (from medlora/flag_groups.py), for scripts that list their flags by hand."""
-    from medlora.flag_groups import SHARED_GROUPS
-
-    return {name: flag.help for group in SHARED_GROUPS for name, flag in group.flags.items()}
-
-
 class Flag(NamedTuple):
     default: object
     type: object = None  # default: the default's type
@@ -107,26 +100,11 @@ def docstring_args(function) -> dict:
     return entries
 
 
-def inline_comments(function) -> dict:
-    """alpaca-lora style self-documenting defaults: `name: type = default,  # description` in the signature."""
-    source = inspect.getsource(function)
-    signature = source[:source.index("):") if "):" in source else len(source)]
-    comments = {}
-    for line in signature.splitlines():
-        match = re.match(r"^\s+(\w+)\s*:.*?,\s*#\s*(.+)$", line)
-        if match:
-            comments[match.group(1)] = match.group(2).strip()
-    return comments
-
-
 def flag_descriptions(function) -> dict:
-    """Every flag of a stage function with its description: its docstring's `Args:` entry, else the comment on
-    its line in the signature, else the shared one here; a flag described nowhere maps to None (a test keeps
-    that from happening)."""
-    own, comments = docstring_args(function), inline_comments(function)
-    declared = getattr(function, "flag_help", None) or shared_flag_help()
-    return {name: own.get(name) or comments.get(name) or declared.get(name)
-            for name in inspect.signature(function).parameters}
+    """Every flag of a stage function with its description: its docstring's `Args:` entry, else the one its
+    flag group declares; a flag described nowhere maps to "" (a test keeps that from happening)."""
+    own = docstring_args(function)
+    return {name: own.get(name) or function.flag_help[name] for name in inspect.signature(function).parameters}
 
 
 def canonical_argv(function, argv: list) -> list:

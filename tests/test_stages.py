@@ -535,13 +535,12 @@ def test_offline_pipeline_script_chains_every_stage(tmp_path, tiny_model_path):
 # ---- every flag documented (tests/test_readme_commands.py checks every script's --help) ------------------------
 @pytest.mark.parametrize("script", ["pretrain", "dpo", "reward", "rl"])
 def test_every_flag_has_its_own_help_line(script):
-    from medlora.flags import docstring_args, flag_descriptions, shared_flag_help
+    from medlora.flags import docstring_args, flag_descriptions
 
     function = stage_function(script)
     assert all(flag_descriptions(function).values()), script
     # A stage documents its own meaning of a flag, or leaves it to the shared description: never a copy of it.
-    shared = {**shared_flag_help(), **function.flag_help}
-    assert not [name for name, text in docstring_args(function).items() if shared.get(name) == text]
+    assert not [name for name, text in docstring_args(function).items() if function.flag_help.get(name) == text]
     assert sys.modules[function.__module__].__doc__.lstrip().startswith(
         ("Continued", "Preference", "Train", "Reinforcement"))
 
