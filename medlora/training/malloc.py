@@ -12,6 +12,7 @@ the first thing `python finetune.py` does, re-executes the same command once wit
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -20,6 +21,7 @@ MMAP_THRESHOLD = 4 << 20
 TUNABLE = "glibc.malloc.tcache_count"
 
 
+@functools.cache  # looked up once: trim_malloc runs after every optimizer step
 def _libc():
     if not sys.platform.startswith("linux"):
         return None
