@@ -4,13 +4,16 @@
     python scripts/benchmark.py --shapes smollm2-135m  # the real SmolLM2-135M only
     python scripts/benchmark.py --quick --shapes cpu --no_write   # 32 records, prints the table only (a smoke test)
     python scripts/benchmark.py --configs medlora,alpaca_lora --no_write
+    python scripts/benchmark.py --precision bf16 --shapes smollm2-135m   # bf16 autocast only (CPUs with AMX)
     python scripts/benchmark.py --device cuda          # GPU shapes: Llama-3.2-1B and Llama-3.1-8B, LoRA and QLoRA, bf16
 
 CPU shapes: `cpu`, a random-weight LLaMA-architecture model (hidden 256, 4 layers, vocabulary 32,000, LoRA on
 q_proj/v_proj), and `smollm2-135m`, the built-in real SmolLM2-135M-Instruct (30 layers, hidden 576, vocabulary
 49,152, its own tokenizer, LoRA on all seven linear layers). Every configuration trains the same model on the same
 records, in the same order, with the same batch size, precision, LoRA settings, learning rate and seed, each in its own
-process (this script re-started with --config NAME --json_out PATH), so that peak memory is its own:
+process (this script re-started with --config NAME --json_out PATH), so that peak memory is its own. Precision on
+CPU: fp32, and in a second table bf16 autocast over fp32 weights where the CPU has AMX or AVX512-BF16 (every
+configuration alike: MedLoRA's --precision bf16-mixed, the peers' Trainer bf16=True).
 
   medlora           finetune.train(...): the code finetune.py runs (label-only logits, padding-free batches)
   alpaca_lora       alpaca-lora's finetune.py pipeline: per-record tokenization with the prompt masked by its
@@ -90,9 +93,10 @@ SECTION = "<!-- benchmark:{device}:{edge} -->"
 
 def main(configs: str = ",".join(TRAINING_CONFIGS + EXTRA_CONFIGS), device: str = "cpu", quick: bool = False,
          records: int = 0, shapes: str = "", quant: str = "lora,qlora", no_write: bool = False,
-         doc: str = str(DOC_PATH), keep: bool = False, data_path: str = "",
+         doc: str = str(DOC_PATH), keep: bool = False, data_path: str = "", precision: str = "auto",
          # worker mode (used by the script itself)
-         config: str = "", json_out: str = "", bench_dir: str = "", shape: str = "cpu", quant_mode: str = "lora"):
+         config: str = "", json_out: str = "", bench_dir: str = "", shape: str = "cpu", quant_mode: str = "lora",
+         run_precision: str = "fp32"):
     """Run the benchmark and print (and, unless --no_write, write) the results table.
 
     Args:
@@ -109,10 +113,12 @@ def main(configs: str = ",".join(TRAINING_CONFIGS + EXTRA_CONFIGS), device: str 
         data_path: Training records (alpaca format: instruction, input, output), a file or a hub dataset; default:
             ../shared/datasets/chatdoctor/genmedgpt_5k.json where it exists, else the bundled
             data/sft/medical_chat_en.json.
+        precision: CPU precision: auto (fp32, and bf16 autocast too where the CPU has AMX or AVX512-BF16), fp32 or
+            bf16 (autocast over fp32 weights); every configuration trains alike. GPU shapes always run bf16.
         config: Worker mode: run this one configuration and write its measurements to --json_out.
     """
     if config:
-        return run_worker(config, json_out, bench_dir, device, shape, quant_mode, quick)
+        return run_worker(config, json_out, bench_dir, device, shape, quant_mode, quick, run_precision)
     names = split_names(configs)
     unknown = [name for name in names if name not in TRAINING_CONFIGS + EXTRA_CONFIGS]
     if unknown or not names:
@@ -122,8 +128,8 @@ def main(configs: str = ",".join(TRAINING_CONFIGS + EXTRA_CONFIGS), device: str 
         raise MedLoRAError(f"--device: unknown value {device!r}; use cpu or cuda")
     if records and int(records) < 16:
         raise MedLoRAError(f"--records {records}: use at least 16 (two optimizer steps of 8)")
-    runs = plan_runs(names, device, shapes, quant)
-    counts = {shape: int(records) or shape_records(shape, quick) for shape in dict.fromkeys(s for _, s, _ in runs)}
+    runs = plan_runs(names, device, shapes, quant, bench_precisions(device, precision))
+    counts = {shape: int(records) or shape_records(shape, quick) for shape in dict.fromkeys(s for _, s, _, _ in runs)}
     bench_records = read_bench_records(data_path, max(counts.values()))
 
     import torch
@@ -140,23 +146,27 @@ def main(configs: str = ",".join(TRAINING_CONFIGS + EXTRA_CONFIGS), device: str 
                                                   encoding="utf-8")
         machine["bench_data"] = f"{data_path or default_bench_data()} ({len(bench_records)} records), tokenizer: " \
                                 f"{'LLaMA' if LLAMA_TOKENIZER.is_file() else 'the tiny model SentencePiece'}"
-        for run_shape in dict.fromkeys(shape_name for _, shape_name, _ in runs):
+        for run_shape in dict.fromkeys(shape_name for _, shape_name, _, _ in runs):
             build_bench_model(work / run_shape, run_shape, device)
         progress = tqdm(runs, desc="benchmark", unit="run")
-        for name, run_shape, run_quant in progress:
+        for name, run_shape, run_quant, run_precision in progress:
             label = name if device == "cpu" else f"{run_shape} {run_quant} / {name}"
-            progress.set_postfix_str(label)
-            results.append(run_in_subprocess(work, label, name, run_shape, run_quant, device, quick))
+            progress.set_postfix_str(f"{label} ({run_shape}, {run_precision})")
+            results.append(run_in_subprocess(work, label, name, run_shape, run_quant, device, quick, run_precision))
         machine["load_after"] = os.getloadavg()
     finally:
         if keep:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    reports = {device if name in ("cpu", *GPU_SHAPES) else f"{device}-{name}":
-               render_report([r for r in results if r.get("shape") == name or device == "cuda"], machine,
-                             min(counts[name], len(bench_records)), device, name)
-               for name in (counts if device == "cpu" else [next(iter(counts))])}
+    reports = {}
+    for name in counts if device == "cpu" else [next(iter(counts))]:
+        for run_precision in dict.fromkeys(r["precision"] for r in results):
+            key = (device if name in ("cpu", *GPU_SHAPES) else f"{device}-{name}") + (
+                "-bf16" if device == "cpu" and run_precision == "bf16" else "")
+            reports[key] = render_report([r for r in results if (r.get("shape") == name or device == "cuda")
+                                          and r["precision"] == run_precision], machine,
+                                         min(counts[name], len(bench_records)), device, name, run_precision)
     print("\n" + "\n\n".join(reports.values()))
     failed = [r["label"] for r in results if "error" in r]
     if failed:  # a partial table never replaces a complete one
@@ -174,15 +184,30 @@ def split_names(value) -> list:
     return [str(item).strip() for item in items if str(item).strip()]
 
 
-def plan_runs(names, device, shapes, quant) -> list:
-    """(configuration, model shape, quantization) for every process to start, in order. On CPU, data_prep and
-    generation run once, on the first shape."""
+def bench_precisions(device, precision) -> list:
+    """The precisions to measure: bf16 on GPUs; on CPU fp32, and bf16 autocast where the CPU makes it fast."""
+    from medlora.models.loading import FAST_BF16_CPU_FLAGS, cpu_flags
+
+    if device == "cuda":
+        return ["bf16"]
+    if precision not in ("auto", "fp32", "bf16"):
+        raise MedLoRAError(f"--precision: unknown value {precision!r}; use auto, fp32 or bf16")
+    if precision == "auto":
+        return ["fp32", "bf16"] if FAST_BF16_CPU_FLAGS & cpu_flags() else ["fp32"]
+    return [precision]
+
+
+def plan_runs(names, device, shapes, quant, precisions=("fp32",)) -> list:
+    """(configuration, model shape, quantization, precision) for every process to start, in order. On CPU,
+    data_prep and generation run once, on the first shape in the first precision."""
     shape_names, quant_modes = split_names(shapes) or list(CPU_SHAPES if device == "cpu" else GPU_SHAPES), split_names(quant)
     if device == "cpu":
         if any(s not in CPU_SHAPES for s in shape_names):
             raise MedLoRAError(f"--shapes {shapes!r}: choose from {', '.join(CPU_SHAPES)} with --device cpu")
-        training = [(name, s, "lora") for s in shape_names for name in names if name in TRAINING_CONFIGS]
-        return training + [(name, shape_names[0], "lora") for name in names if name not in TRAINING_CONFIGS]
+        training = [(name, s, "lora", p) for p in precisions for s in shape_names for name in names
+                    if name in TRAINING_CONFIGS]
+        return training + [(name, shape_names[0], "lora", precisions[0]) for name in names
+                           if name not in TRAINING_CONFIGS]
     if not shape_names or any(s not in GPU_SHAPES for s in shape_names):
         raise MedLoRAError(f"--shapes {shapes!r}: choose from {', '.join(GPU_SHAPES)}")
     if not quant_modes or any(q not in ("lora", "qlora") for q in quant_modes):
@@ -190,7 +215,8 @@ def plan_runs(names, device, shapes, quant) -> list:
     skipped = [name for name in names if name not in TRAINING_CONFIGS]
     if skipped:
         print(f"note: {', '.join(skipped)} run on the CPU bench only; skipped with --device cuda")
-    return [(name, s, q) for s in shape_names for q in quant_modes for name in names if name in TRAINING_CONFIGS]
+    return [(name, s, q, "bf16") for s in shape_names for q in quant_modes for name in names
+            if name in TRAINING_CONFIGS]
 
 
 # ---- bench preparation (parent process) --------------------------------------------------------------------
@@ -264,12 +290,13 @@ def build_bench_model(folder: Path, shape: str, device: str) -> None:
         torch.cuda.empty_cache()  # the workers need the GPU memory
 
 
-def run_in_subprocess(work, label, name, shape, quant, device, quick) -> dict:
-    json_out, log = work / f"{label.replace(' / ', '-').replace(' ', '-')}.json", work / "logs"
+def run_in_subprocess(work, label, name, shape, quant, device, quick, precision) -> dict:
+    json_out, log = work / f"{label.replace(' / ', '-').replace(' ', '-')}-{shape}-{precision}.json", work / "logs"
     log.mkdir(exist_ok=True)
     log_file = log / json_out.with_suffix(".log").name
     command = [sys.executable, str(Path(__file__).resolve()), "--config", name, "--json_out", str(json_out),
-               "--bench_dir", str(work), "--device", device, "--shape", shape, "--quant_mode", quant]
+               "--bench_dir", str(work), "--device", device, "--shape", shape, "--quant_mode", quant,
+               "--run_precision", precision]
     if quick:
         command.append("--quick")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(work / "hf-datasets"),
@@ -283,14 +310,15 @@ def run_in_subprocess(work, label, name, shape, quant, device, quick) -> dict:
     if process.returncode != 0 or not json_out.is_file():
         tail = log_file.read_text(errors="replace").splitlines()[-25:]
         print(f"\n{label} failed (exit {process.returncode}); last lines of its log:\n" + "\n".join(tail))
-        return dict(label=label, config=name, shape=shape, quant=quant, error=f"exit {process.returncode}")
+        return dict(label=label, config=name, shape=shape, quant=quant, precision=precision,
+                    error=f"exit {process.returncode}")
     result = json.loads(json_out.read_text())
     result.update(label=label, wall_s=time.time() - started)
     return result
 
 
 # ---- worker mode: one configuration per process --------------------------------------------------------------
-def run_worker(config, json_out, bench_dir, device, shape, quant, quick):
+def run_worker(config, json_out, bench_dir, device, shape, quant, quick, precision):
     if config == "medlora":
         from medlora.training.malloc import restart_with_lean_malloc
 
@@ -306,8 +334,8 @@ def run_worker(config, json_out, bench_dir, device, shape, quant, quick):
     elif config == "generation":
         result = measure_generation(model_dir, data_file(bench, shape), device, repeats=1 if quick else 3)
     else:
-        result = measure_training(config, model_dir, bench, device, shape, quant)
-    result.update(config=config, shape=shape, quant=quant, max_rss_mib=max_rss_mib())
+        result = measure_training(config, model_dir, bench, device, shape, quant, precision)
+    result.update(config=config, shape=shape, quant=quant, precision=precision, max_rss_mib=max_rss_mib())
     if device == "cuda":
         result["max_cuda_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     Path(json_out).write_text(json.dumps(result, indent=1))
@@ -324,13 +352,15 @@ def bench_records(bench: Path, shape: str) -> list:
     return records
 
 
-def training_arguments(cls, output_dir, device, **overrides):
-    """The settings every configuration shares (finetune.py sets the same ones through its flags)."""
-    bf16 = device == "cuda"
+def training_arguments(cls, output_dir, device, precision, **overrides):
+    """The settings every configuration shares (finetune.py sets the same ones through its flags). bf16 on CPU is
+    the Trainer's autocast over fp32 weights, as MedLoRA's --precision bf16-mixed."""
+    bf16 = precision == "bf16"
     return cls(output_dir=str(output_dir), per_device_train_batch_size=BENCH["micro_batch_size"],
                gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=BENCH["learning_rate"],
                warmup_steps=0, lr_scheduler_type="linear", logging_steps=1, save_strategy="no", eval_strategy="no",
                report_to=[], seed=SEED, data_seed=SEED, bf16=bf16, fp16=False, gradient_checkpointing=False,
+               use_cpu=device == "cpu",
                **overrides)
 
 
@@ -423,20 +453,20 @@ class TrainingMeter:
                     step_seconds=[end[0] - begin for begin, end in zip(self.step_begins, self.step_ends)])
 
 
-def measure_training(config, model_dir, bench, device, shape, quant) -> dict:
+def measure_training(config, model_dir, bench, device, shape, quant, precision) -> dict:
     import torch
 
     meter = TrainingMeter()
-    output_dir = bench / "runs" / f"{config}-{model_dir.name}-{quant}"
+    output_dir = bench / "runs" / f"{config}-{model_dir.name}-{quant}-{precision}"
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with meter.attached_to_every_trainer():
         if config == "medlora":
-            trainer = train_medlora(model_dir, bench, output_dir, device, shape, quant)
+            trainer = train_medlora(model_dir, bench, output_dir, device, shape, quant, precision)
         elif config == "alpaca_lora":
-            trainer = train_alpaca_lora(model_dir, bench, output_dir, device, shape, quant)
+            trainer = train_alpaca_lora(model_dir, bench, output_dir, device, shape, quant, precision)
         else:
-            trainer = train_trl(model_dir, bench, output_dir, device, shape, quant,
+            trainer = train_trl(model_dir, bench, output_dir, device, shape, quant, precision,
                                 padding_free=config == "trl_padding_free")
     history = trainer.state.log_history
     result = meter.summary()
@@ -446,7 +476,7 @@ def measure_training(config, model_dir, bench, device, shape, quant) -> dict:
     return result
 
 
-def train_medlora(model_dir, bench, output_dir, device, shape, quant):
+def train_medlora(model_dir, bench, output_dir, device, shape, quant, precision):
     import finetune
 
     result = finetune.train(
@@ -455,12 +485,13 @@ def train_medlora(model_dir, bench, output_dir, device, shape, quant):
         micro_batch_size=BENCH["micro_batch_size"], num_epochs=1, learning_rate=BENCH["learning_rate"],
         warmup_steps=0, cutoff_len=BENCH["cutoff_len"], val_set_size=0, seed=SEED, lora_r=BENCH["lora_r"],
         lora_alpha=BENCH["lora_alpha"], lora_dropout=BENCH["lora_dropout"],
-        lora_target_modules=",".join(lora_targets(shape)), precision="fp32" if device == "cpu" else "bf16",
+        lora_target_modules=",".join(lora_targets(shape)),
+        precision="bf16" if device == "cuda" else "bf16-mixed" if precision == "bf16" else "fp32",
         load_in_4bit=quant == "qlora", logging_steps=1, save_steps=10**9)
     return result.trainer
 
 
-def train_alpaca_lora(model_dir, bench, output_dir, device, shape, quant):
+def train_alpaca_lora(model_dir, bench, output_dir, device, shape, quant, precision):
     """alpaca-lora's finetune.py, re-implemented step by step (tloen/alpaca-lora). Its unseeded
     `data.shuffle()` is replaced by finetune.py's seeded shuffle so that every configuration sees the
     same batches; its torch.compile and 8-bit loading are left out (see docs/BENCHMARKS.md)."""
@@ -500,7 +531,7 @@ def train_alpaca_lora(model_dir, bench, output_dir, device, shape, quant):
     train_data = Dataset.from_list(bench_records(bench, shape)).map(generate_and_tokenize_prompt)
     trainer = transformers.Trainer(
         model=model, train_dataset=train_data,
-        args=training_arguments(transformers.TrainingArguments, output_dir, device, optim="adamw_torch"),
+        args=training_arguments(transformers.TrainingArguments, output_dir, device, precision, optim="adamw_torch"),
         data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt",
                                                           padding=True),
     )
@@ -509,7 +540,7 @@ def train_alpaca_lora(model_dir, bench, output_dir, device, shape, quant):
     return trainer
 
 
-def train_trl(model_dir, bench, output_dir, device, shape, quant, padding_free):
+def train_trl(model_dir, bench, output_dir, device, shape, quant, precision, padding_free):
     import transformers
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -522,7 +553,7 @@ def train_trl(model_dir, bench, output_dir, device, shape, quant, padding_free):
     rows = [{"prompt": template.generate_prompt(r["instruction"], r["input"]), "completion": r["output"] +
              tokenizer.eos_token} for r in bench_records(bench, shape)]
     transformers.set_seed(SEED)
-    args = training_arguments(SFTConfig, output_dir, device, packing=False, padding_free=padding_free,
+    args = training_arguments(SFTConfig, output_dir, device, precision, packing=False, padding_free=padding_free,
                               completion_only_loss=True,
                               max_length=None if padding_free else BENCH["cutoff_len"])  # TRL: padding-free needs None
     trainer = SFTTrainer(model=load_peer_model(model_dir, device, quant), args=args,
@@ -599,7 +630,11 @@ def describe_machine(device) -> dict:
                 cpu = line.split(":", 1)[1].strip()
                 break
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
+    from medlora.models.loading import cpu_flags
+
+    vector = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in cpu_flags()]
     return dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), cpu=cpu, cores=os.cpu_count(), gpu=gpu,
+                cpu_flags=", ".join(vector) or "none of avx2, avx512f, avx512_bf16, amx_bf16",
                 versions=f"torch {torch.__version__}, transformers {transformers.__version__}, "
                          f"peft {peft.__version__}, trl {trl.__version__}", load_before=os.getloadavg())
 
@@ -613,10 +648,11 @@ SHAPE_TITLES = {"cpu": "random-weight LLaMA architecture (hidden 256, 4 layers, 
                                 "hidden 576, vocabulary 49,152, its own tokenizer)"}
 
 
-def render_report(results, machine, records, device, shape="cpu") -> str:
+def render_report(results, machine, records, device, shape="cpu", precision="fp32") -> str:
     load = lambda values: ", ".join(f"{v:.2f}" for v in values)  # noqa: E731
+    threads = f", CPU flags {machine['cpu_flags']}, CPU training on {BENCH['cpu_threads']} threads"
     lines = [f"Measured {machine['date']} on {machine['gpu'] or machine['cpu']} "
-             f"({machine['cores']} cores{', CPU training on ' + str(BENCH['cpu_threads']) + ' threads' if device == 'cpu' else ''}); "
+             f"({machine['cores']} cores{threads if device == 'cpu' else ''}); "
              f"{machine['versions']}; load average (1, 5, 15 min) {load(machine['load_before'])} before, "
              f"{load(machine.get('load_after', machine['load_before']))} after.",
              f"Data: {machine.get('bench_data', default_bench_data())}.", ""]
@@ -624,7 +660,7 @@ def render_report(results, machine, records, device, shape="cpu") -> str:
         lines[1] = lines[1].split(", tokenizer: ")[0] + ", tokenizer: SmolLM2's own."
     training = [r for r in results if r["config"] in TRAINING_CONFIGS]
     memory = "peak CUDA MiB" if device == "cuda" else "peak RSS MiB"
-    precision = "fp32" if device == "cpu" else "bf16"
+    precision = "bf16 autocast over fp32 weights" if device == "cpu" and precision == "bf16" else precision
     model = f"Model: {SHAPE_TITLES[shape]}. " if device == "cpu" else ""
     lines += [f"{model}Training: the first {records} records of the data (alpaca prompt, prompt masked, cutoff "
               f"{BENCH['cutoff_len']}), one epoch, micro-batch {BENCH['micro_batch_size']}, {precision}, LoRA r="

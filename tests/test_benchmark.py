@@ -35,7 +35,8 @@ def quick_run():
     shared_dataset("llama-tokenizer/tokenizer.model")
     doc = ROOT / "docs" / "BENCHMARKS.md"
     before = doc.read_bytes() if doc.exists() else None
-    result = run_script(SCRIPT, "--quick", "--shapes", "cpu", "--configs", "medlora,alpaca_lora", "--no_write")
+    result = run_script(SCRIPT, "--quick", "--shapes", "cpu", "--configs", "medlora,alpaca_lora", "--no_write",
+                        "--precision", "fp32")  # auto adds a bf16 table on CPUs with AMX
     after = doc.read_bytes() if doc.exists() else None
     return result.stdout, before == after
 
@@ -126,8 +127,28 @@ def test_gpu_shapes_are_the_published_llama_configs():
             model = LlamaForCausalLM(LlamaConfig(**shape))
         assert sum(p.numel() for p in model.parameters()) == expected_parameters[name], name
     runs = benchmark.plan_runs(["medlora", "trl", "generation"], "cuda", "llama-3.2-1b", "lora,qlora")
-    assert runs == [("medlora", "llama-3.2-1b", "lora"), ("trl", "llama-3.2-1b", "lora"),
-                    ("medlora", "llama-3.2-1b", "qlora"), ("trl", "llama-3.2-1b", "qlora")]
+    assert runs == [("medlora", "llama-3.2-1b", "lora", "bf16"), ("trl", "llama-3.2-1b", "lora", "bf16"),
+                    ("medlora", "llama-3.2-1b", "qlora", "bf16"), ("trl", "llama-3.2-1b", "qlora", "bf16")]
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx2", "avx512f"}, ["fp32"]),
+                                             ({"avx512f", "avx512_bf16"}, ["fp32", "bf16"]),
+                                             ({"amx_bf16"}, ["fp32", "bf16"])])
+def test_cpu_bench_adds_a_bf16_table_only_where_the_cpu_makes_bf16_fast(monkeypatch, flags, expected):
+    """#12: the CPU bench reports fp32 everywhere and bf16 autocast too where the CPU has AMX or AVX512-BF16;
+    every configuration of one table trains in the same precision."""
+    import medlora.models.loading
+
+    benchmark = load_benchmark_module()
+    monkeypatch.setattr(medlora.models.loading, "cpu_flags", lambda: flags)
+    assert benchmark.bench_precisions("cpu", "auto") == expected
+    assert benchmark.bench_precisions("cpu", "fp32") == ["fp32"]
+    runs = benchmark.plan_runs(["medlora", "alpaca_lora", "data_prep"], "cpu", "smollm2-135m", "lora",
+                               benchmark.bench_precisions("cpu", "auto"))
+    assert runs == [(name, "smollm2-135m", "lora", precision) for precision in expected
+                    for name in ("medlora", "alpaca_lora")] + [("data_prep", "smollm2-135m", "lora", "fp32")]
+    assert benchmark.training_arguments(dict, "out", "cpu", "bf16")["bf16"] is True
+    assert benchmark.training_arguments(dict, "out", "cpu", "fp32")["bf16"] is False
 
 
 def test_a_clone_without_the_shared_folder_benches_the_bundled_data(tmp_path, monkeypatch, tiny_model_path):
@@ -157,8 +178,9 @@ def test_cpu_bench_runs_both_shapes_with_the_peers_in_the_same_run():
 
     benchmark = load_benchmark_module()
     runs = benchmark.plan_runs(["medlora", "alpaca_lora", "data_prep"], "cpu", "", "lora")
-    assert runs == [("medlora", "cpu", "lora"), ("alpaca_lora", "cpu", "lora"), ("medlora", "smollm2-135m", "lora"),
-                    ("alpaca_lora", "smollm2-135m", "lora"), ("data_prep", "cpu", "lora")]
+    assert runs == [("medlora", "cpu", "lora", "fp32"), ("alpaca_lora", "cpu", "lora", "fp32"),
+                    ("medlora", "smollm2-135m", "lora", "fp32"), ("alpaca_lora", "smollm2-135m", "lora", "fp32"),
+                    ("data_prep", "cpu", "lora", "fp32")]
     assert benchmark.lora_targets("smollm2-135m") == benchmark.ALL_LINEAR
     assert benchmark.lora_targets("cpu") == ["q_proj", "v_proj"]
     with pytest.raises(MedLoRAError, match="--shapes"):

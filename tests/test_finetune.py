@@ -130,24 +130,32 @@ def test_tiny_model_build_is_deterministic(tmp_path):
     assert all(torch.equal(weights_a[key], weights_b[key]) for key in weights_a)
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
-def test_fused_linear_cross_entropy_equals_cross_entropy_of_full_logits(dtype, tolerance):
+@pytest.mark.parametrize("dtype, autocast, tolerance", [(torch.float32, False, 1e-5), (torch.bfloat16, False, 2e-2),
+                                                       (torch.float32, True, 2e-2)],
+                         ids=["fp32", "bf16", "bf16-autocast"])
+def test_fused_linear_cross_entropy_equals_cross_entropy_of_full_logits(dtype, autocast, tolerance):
     """The fused, chunked loss against the model's own way, F.cross_entropy on full logits (a matmul in
     the model's precision, upcast to fp32), for the summed loss and the gradients of both the hidden
     states and the weight; 40 rows in chunks of 16 leave a partial last chunk. bf16 is what GPUs
-    train with."""
+    train with; bf16 autocast over fp32 tensors is what --precision auto picks on CPUs with AMX (the fused
+    loss casts the weight once instead of autocast casting it for every product)."""
     from medlora.training.loss import FusedLinearCrossEntropy
 
     generator = torch.Generator().manual_seed(0)
     hidden = (torch.randn(40, 32, generator=generator) * 2).to(dtype).requires_grad_()
     weight = torch.randn(500, 32, generator=generator).to(dtype).requires_grad_()
     targets = torch.randint(0, 500, (40,), generator=generator)
-    fused = FusedLinearCrossEntropy.apply(hidden, weight, targets, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fused = FusedLinearCrossEntropy.apply(hidden, weight, targets, 16)
     (fused * 0.5).backward()  # a scaled upstream gradient, as the division by the token count gives
     reference_hidden = hidden.detach().clone().requires_grad_()
     reference_weight = weight.detach().clone().requires_grad_()
-    reference = F.cross_entropy((reference_hidden @ reference_weight.t()).float(), targets, reduction="sum")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        reference = F.cross_entropy((reference_hidden @ reference_weight.t()).float(), targets, reduction="sum")
     (reference * 0.5).backward()
+    if autocast:  # both sides multiplied in bf16: the loss agrees far more closely than with the fp32 product
+        exact = F.cross_entropy((hidden.detach() @ weight.detach().t()).float(), targets, reduction="sum")
+        assert abs(fused.item() - reference.item()) < 0.1 * abs(fused.item() - exact.item()) + 1e-4
     assert fused.dtype == torch.float32 and hidden.grad.dtype == dtype and weight.grad.dtype == dtype
     assert torch.allclose(fused, reference, rtol=tolerance)
     for ours, expected in ((hidden.grad, reference_hidden.grad), (weight.grad, reference_weight.grad)):
