@@ -14,7 +14,7 @@ def test_method_perplexity_defaults_to_the_adapters_validation_records(tmp_path)
     # One validation batch (4 records, micro-batch 4): the Trainer's eval loss is then the plain token mean.
     run_script("finetune.py", "--base_model", TINY, "--output_dir", adapter, "--max_steps", 2, "--batch_size", 4,
                "--micro_batch_size", 4, "--val_set_size", 4, "--learning_rate", 1e-2, "--cutoff_len", 128,
-               "--save_steps", 1000, "--eval_steps", 1000)
+               "--save_steps", 1000, "--eval_steps", 1000, "--precision", "fp32")  # evaluate.py scores in fp32
     final_eval = [entry for entry in json.loads((adapter / "training_log.json").read_text()) if "eval_loss" in entry][-1]
     report_file = tmp_path / "report.json"
     result = run_script("evaluate.py", "--lora_weights", adapter, "--method", "perplexity", "--compare",
