@@ -62,6 +62,21 @@ def test_reloaded_adapter_gives_the_same_logits(trained):
     assert (in_memory - base).abs().max().item() > 1e-3  # the adapter really changed the model
 
 
+def test_a_model_trained_in_bf16_autocast_comes_back_computing_like_a_reload(tmp_path, tiny_model_path):
+    """--precision bf16-mixed (what auto picks on CPUs with AMX): the returned model no longer runs under the
+    Trainer's autocast, so its logits are a fresh fp32 load's."""
+    result = finetune.train(base_model=TINY, output_dir=str(tmp_path / "out"), max_steps=2, batch_size=4,
+                            micro_batch_size=4, val_set_size=0, warmup_steps=0, learning_rate=3e-3, cutoff_len=96,
+                            save_steps=1000, precision="bf16-mixed")
+    assert result.trainer.accelerator.mixed_precision == "bf16"
+    ids = result.tokenizer("A patient reports chest pain after exercise.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        in_memory = result.model.eval()(input_ids=ids).logits
+        from_disk = load_for_inference(lora_weights=str(tmp_path / "out")).model(input_ids=ids).logits
+    assert in_memory.dtype == torch.float32
+    assert (in_memory - from_disk).abs().max().item() < 1e-5
+
+
 def test_padded_and_packed_batches_give_the_same_loss(tiny_model_path, tiny_tokenizer):
     from peft import LoraConfig, get_peft_model
 
