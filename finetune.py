@@ -108,9 +108,6 @@ def train(flags):
         stage.done(trainer, result, f", ~{tokens / max(result.metrics['train_runtime'], 1e-9):.0f} trained tokens/s; "
                                     f"adapter in {flags.output_dir}")
         print(validation_change(trainer.state.log_history))
-    # Mixed precision (bf16 autocast on CPUs with AMX) left accelerate's autocast around the model's forward: the
-    # model handed back computes as a fresh load of the adapter does.
-    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return FinetuneResult(model, tokenizer, trainer, train_report)
 
 

@@ -56,6 +56,12 @@ class LabelOnlyLossTrainer(Trainer):
         return (loss, {}) if return_outputs else loss
 
 
+def drop_mixed_precision_wrapper(trainer) -> None:
+    """After mixed-precision training (bf16 autocast on CPUs with AMX) accelerate leaves autocast around the model's
+    forward: drop it, so that what the stage computes next, and the model it hands back, match a fresh load."""
+    trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+
+
 class TrimMallocAfterSteps(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         trim_malloc()
