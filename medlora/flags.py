@@ -104,7 +104,8 @@ def flag_descriptions(function) -> dict:
     """Every flag of a stage function with its description: its docstring's `Args:` entry, else the one its
     flag group declares; a flag described nowhere maps to "" (a test keeps that from happening)."""
     own = docstring_args(function)
-    return {name: own.get(name) or function.flag_help[name] for name in inspect.signature(function).parameters}
+    declared = getattr(function, "flag_help", {})  # only @stage_flags functions declare group flags
+    return {name: own.get(name) or declared.get(name, "") for name in inspect.signature(function).parameters}
 
 
 def canonical_argv(function, argv: list) -> list:

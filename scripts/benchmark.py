@@ -46,12 +46,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import fire
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from medlora.errors import MedLoRAError, exit_on_error
+from medlora.cli import run
+from medlora.errors import MedLoRAError
 from medlora.paths import DATA_DIR
 
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -116,6 +116,11 @@ def main(configs: str = ",".join(TRAINING_CONFIGS + EXTRA_CONFIGS), device: str 
         precision: CPU precision: auto (fp32, and bf16 autocast too where the CPU has AMX or AVX512-BF16), fp32 or
             bf16 (autocast over fp32 weights); every configuration trains alike. GPU shapes always run bf16.
         config: Worker mode: run this one configuration and write its measurements to --json_out.
+        json_out: Worker mode: the JSON file the measurements go to.
+        bench_dir: Worker mode: the temporary folder with the bench model and data.
+        shape: Worker mode: the model shape to train (cpu, smollm2-135m, or a GPU shape).
+        quant_mode: Worker mode: lora or qlora.
+        run_precision: Worker mode: fp32 or bf16, the precision of this one run.
     """
     if config:
         return run_worker(config, json_out, bench_dir, device, shape, quant_mode, quick, run_precision)
@@ -763,4 +768,4 @@ def write_section(doc: Path, device: str, report: str) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_error(lambda: fire.Fire(main))
+    run(main)  # flags checked before any work: a misspelt one would otherwise start the whole bench

@@ -106,6 +106,12 @@ def test_bad_flags_fail_with_one_line_errors():
     assert result.stderr.strip().splitlines()[-1].startswith("error: --configs: unknown configuration 'nosuch'")
     result = run_script(SCRIPT, "--device", "tpu", "--no_write", check=False)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: --device")
+    # A misspelt flag is refused before any work (fire alone would ignore it and run the whole bench).
+    result = run_script(SCRIPT, "--precison", "bf16", "--no_write", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: unknown flag --precison; did you mean --precision?"
+    result = run_script(SCRIPT, "--precision", "bf17", "--no_write", check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: --precision")
 
 
 @pytest.mark.slow
