@@ -12,9 +12,9 @@ and what full-vocabulary logits would take at every position (what label_only_lo
 import sys
 from pathlib import Path
 
-import fire
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from medlora import cli  # noqa: E402 (after the path above)
 
 MIB = 2**20
 
@@ -90,4 +90,4 @@ def main(base_model: str = "builtin:smollm2-135m-instruct", records: int = 8, cu
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    cli.run(main)  # flags checked before any work

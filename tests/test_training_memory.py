@@ -99,3 +99,49 @@ def test_checkpointed_cpu_runs_take_the_loss_in_smaller_chunks(tiny_model_path):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert chunk_rows(model, hidden, 49152) == 64  # 12 MiB of fp32 logits
     assert chunk_rows(model, hidden, 1_000_000) == 16
+
+
+def test_heap_trimmed_after_each_layer_forward_and_before_its_backward_only_when_asked(tiny_model_path, monkeypatch):
+    import medlora.training.memory as memory
+
+    trims = []
+    monkeypatch.setattr(memory, "trim_malloc", lambda: trims.append(1))
+    model = lora_model(tiny_model_path, 0.1)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    layers = model.config.num_hidden_layers
+    reduce_training_memory(model)
+    untrimmed = loss_and_grads(model, seed=3)
+    assert trims == []
+    reduce_training_memory(model, trim_between_layers=True)
+    reduce_training_memory(model, trim_between_layers=True)  # idempotent: one hook per layer
+    trimmed = loss_and_grads(model, seed=3)
+    assert len(trims) == 2 * layers  # each layer: after its forward, and when the backward pass reaches it
+    torch.testing.assert_close(trimmed[0], untrimmed[0], rtol=0, atol=0)
+    for name in untrimmed[1]:
+        torch.testing.assert_close(trimmed[1][name], untrimmed[1][name], rtol=0, atol=0, msg=name)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.arange(5, 21)[None])
+    assert len(trims) == 2 * layers  # not in evaluation
+    restore_training_memory(model)
+    model.train()
+    loss_and_grads(model, seed=3)
+    assert len(trims) == 2 * layers
+
+
+@pytest.mark.parametrize("checkpointing, bf16, trimmed", [(True, False, True), (False, False, False),
+                                                           (True, True, False)])
+def test_trainer_trims_between_layers_under_checkpointing_in_fp32(tiny_model_path, tmp_path, checkpointing, bf16,
+                                                                 trimmed):
+    from transformers import TrainingArguments
+
+    from medlora.training.trainer import LabelOnlyLossTrainer
+
+    model = lora_model(tiny_model_path, 0.05)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, activation_checkpointing=checkpointing,
+                             bf16=bf16, report_to=[])
+    LabelOnlyLossTrainer(model=model, args=args)
+    layers = model.base_model.model.model.layers
+    assert all(("_medlora_trim_hook" in layer.__dict__) == trimmed for layer in layers)
+    assert "forward" in layers[0].self_attn.q_proj.__dict__  # DropoutLoraA in every case

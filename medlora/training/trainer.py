@@ -42,7 +42,8 @@ class LabelOnlyLossTrainer(Trainer):
         self.add_callback(MarkCompleteCheckpoints())
         if self.args.device.type == "cpu":
             # LoRA dropout keeps no float copies of its inputs; glibc gives freed memory back (memory.py)
-            reduce_training_memory(self.model)
+            reduce_training_memory(self.model, trim_between_layers=self.args.gradient_checkpointing
+                                   and not self.args.bf16)
             lean_malloc()
             self.add_callback(TrimMallocAfterSteps())
 
