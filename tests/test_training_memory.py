@@ -1,11 +1,12 @@
-"""medlora/training/memory.py: LoRA dropout without copies computes what PEFT computes (tiny model, CPU);
+"""medlora/training/memory.py: LoRA dropout without copies computes what PEFT computes with the same masks (tiny
+model, CPU), and its masks drop p of the elements;
 medlora/training/malloc.py: the glibc settings apply."""
 
 import pytest
 import torch
 
 from medlora.training.malloc import lean_malloc, trim_malloc
-from medlora.training.memory import reduce_training_memory, restore_training_memory
+from medlora.training.memory import dropout_keep_mask, reduce_training_memory, restore_training_memory
 
 
 def lora_model(tiny_model_path, dropout, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -31,32 +32,73 @@ def loss_and_grads(model, seed):
     return loss.detach(), grads, torch.rand(1)  # the last: where the random stream stands afterwards
 
 
-@pytest.mark.parametrize("dropout", [0.05, 0.0])
-def test_same_loss_gradients_and_random_stream_as_peft(tiny_model_path, dropout):
+class SameMaskDropout(torch.nn.Module):
+    """What PEFT computes when its dropout draws DropoutLoraA's mask: plain autograd, float copies and all."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        # torch's own dropout on CPU: noise = bernoulli_(1 - p).div_(1 - p), then input * noise; this noise instead
+        return x * dropout_keep_mask(x.shape, self.p).to(x.dtype).div_(1 - self.p)
+
+
+def peft_with_the_same_masks(tiny_model_path, dropout):
     model = lora_model(tiny_model_path, dropout)
-    stock = loss_and_grads(model, seed=1)
-    changed = reduce_training_memory(model)
-    assert changed == 7 * model.config.num_hidden_layers
-    lean = loss_and_grads(model, seed=1)
+    for module in model.modules():
+        if hasattr(module, "lora_dropout") and dropout:
+            for name in module.lora_dropout:
+                module.lora_dropout[name] = SameMaskDropout(dropout)
+    return model
+
+
+@pytest.mark.parametrize("dropout", [0.05, 0.0])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_same_loss_and_gradients_as_peft_given_the_same_masks(tiny_model_path, dropout, checkpointing):
+    models = peft_with_the_same_masks(tiny_model_path, dropout), lora_model(tiny_model_path, dropout)
+    for model in models:
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    stock = loss_and_grads(models[0], seed=1)
+    changed = reduce_training_memory(models[1])
+    assert changed == 7 * models[1].config.num_hidden_layers
+    lean = loss_and_grads(models[1], seed=1)
     torch.testing.assert_close(lean[0], stock[0], rtol=1e-6, atol=0)
     assert lean[1].keys() == stock[1].keys()
     for name in stock[1]:
         torch.testing.assert_close(lean[1][name], stock[1][name], rtol=1e-5, atol=1e-7, msg=name)
-    assert torch.equal(lean[2], stock[2])  # the same random numbers were drawn
-    restore_training_memory(model)
-    assert "forward" not in model.base_model.model.model.layers[0].self_attn.q_proj.__dict__
+    assert torch.equal(lean[2], stock[2])  # as many random numbers drawn: one mask per adapted layer
+    restore_training_memory(models[1])
+    assert "forward" not in models[1].base_model.model.model.layers[0].self_attn.q_proj.__dict__
 
 
-def test_gradient_checkpointing_and_eval_unchanged(tiny_model_path):
-    model = lora_model(tiny_model_path, 0.1)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    stock = loss_and_grads(model, seed=2)
-    reduce_training_memory(model)
-    lean = loss_and_grads(model, seed=2)
-    torch.testing.assert_close(lean[0], stock[0], rtol=1e-6, atol=0)
-    for name in stock[1]:
-        torch.testing.assert_close(lean[1][name], stock[1][name], rtol=1e-5, atol=1e-7, msg=name)
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_mask_drops_p_of_the_elements_and_follows_the_seed(p):
+    torch.manual_seed(0)
+    keep = dropout_keep_mask((1000, 1000), p)
+    assert keep.dtype == torch.bool and keep.shape == (1000, 1000)
+    sigma = (p * (1 - p) / keep.numel()) ** 0.5
+    assert abs((1 - keep.float().mean().item()) - p) < 5 * sigma
+    rows, columns = keep.float().mean(1), keep.float().mean(0)  # no structure along either axis
+    assert abs(rows.std().item() - (p * (1 - p) / 1000) ** 0.5) < 0.2 * (p * (1 - p) / 1000) ** 0.5
+    assert abs(columns.std().item() - (p * (1 - p) / 1000) ** 0.5) < 0.2 * (p * (1 - p) / 1000) ** 0.5
+    torch.manual_seed(0)
+    assert torch.equal(dropout_keep_mask((1000, 1000), p), keep)
+
+
+def test_checkpointing_recomputes_the_same_masks_and_eval_is_unchanged(tiny_model_path):
+    plain, checkpointed = lora_model(tiny_model_path, 0.1), lora_model(tiny_model_path, 0.1)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed.enable_input_require_grads()
+    for model in (plain, checkpointed):
+        reduce_training_memory(model)
+    reference, recomputed = loss_and_grads(plain, seed=2), loss_and_grads(checkpointed, seed=2)
+    torch.testing.assert_close(recomputed[0], reference[0], rtol=1e-6, atol=0)
+    for name in reference[1]:
+        torch.testing.assert_close(recomputed[1][name], reference[1][name], rtol=1e-5, atol=1e-7, msg=name)
+    model = checkpointed
     model.eval()
     ids = torch.arange(5, 21)[None]
     with torch.no_grad():

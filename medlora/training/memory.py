@@ -7,11 +7,15 @@ first, medlora/training/malloc.py (glibc malloc settings) and the trimming hooks
    float noise tensor (`bernoulli_(1 - p) / (1 - p)`) and multiplies: autograd keeps the noise for the dropout's
    backward and `lora_A` keeps the dropped-out input for its weight gradient, two float copies of every adapted
    module's input: on SmolLM2-135M with all seven linear layers adapted, 977 of 3,121 MiB saved for backward.
-   `DropoutLoraA`
-   computes `lora_A(dropout(x))` keeping `x` (the same tensor for q/k/v, and for gate/up) and a one-byte keep
-   mask; its backward rebuilds the noise and the dropped-out input from them and differentiates the very same
-   operations. The mask is drawn exactly as `nn.Dropout` draws it, so the random stream, and with it every
-   loss and gradient, is unchanged.
+   `DropoutLoraA` computes `lora_A(dropout(x))` keeping `x` (the same tensor for q/k/v, and for gate/up) and a
+   one-byte keep mask; its backward rebuilds the noise and the dropped-out input from them and differentiates
+   the very same operations.
+   The mask: the same distribution as `nn.Dropout`'s (each element dropped with probability p, to 2**-31, the
+   rest scaled by 1 / (1 - p)), drawn from torch's generator (so `torch.manual_seed` and checkpointing's
+   recomputation reproduce it) but not with the same calls: `bernoulli_` on a float tensor took 24% of a
+   SmolLM2 training step in bf16 on CPU, and one 31-bit integer per element compared with p * 2**31
+   (`random_` on int32) makes the mask 1.6x faster (docs/BENCHMARKS.md). The random stream therefore differs
+   from stock PEFT's; with the same mask, loss and gradients are PEFT's (tests/test_training_memory.py).
 2. **glibc malloc** holding freed memory: medlora/training/malloc.py sets glibc up. Under gradient checkpointing
    in fp32, the heap is also trimmed after each decoder layer's forward and before its backward (`malloc_trim`):
    the layer inputs kept for the backward pass (3.75 MiB each on SmolLM2 with 1,700 tokens) sit on the heap
@@ -35,15 +39,18 @@ from medlora.training.malloc import trim_malloc
 
 
 # ---- LoRA dropout without copies -------------------------------------------------------------------------------
+def dropout_keep_mask(shape, p: float) -> torch.Tensor:
+    """A bool mask, each element False with probability p: int32 `random_` fills [0, 2**31) uniformly."""
+    return torch.empty(shape, dtype=torch.int32).random_() >= round(p * 2**31)
+
+
 class DropoutLoraA(torch.autograd.Function):
     """F.linear(nn.Dropout(p)(x), weight) on CPU, keeping x and a bool mask instead of two float copies of x."""
 
     @staticmethod
     def forward(ctx, x, weight, p):
-        # The same calls as torch's CPU dropout (at::native::dropout): bernoulli_(1 - p), then div_(1 - p).
-        noise = torch.empty_like(x).bernoulli_(1 - p)
-        keep = noise.bool()
-        out = F.linear(x * noise.div_(1 - p), weight)
+        keep = dropout_keep_mask(x.shape, p)
+        out = F.linear(x * keep.to(x.dtype).div_(1 - p), weight)  # the backward rebuilds it with the same calls
         ctx.save_for_backward(x, keep, weight)
         ctx.p = p
         return out
