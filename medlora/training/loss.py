@@ -19,7 +19,8 @@ PLAIN_OUTPUT_LAYER = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen
                       "gpt2", "gpt_neox", "bloom"}
 CHUNK = 256
 # With gradient checkpointing on CPU, the loss's chunk was the peak of a SmolLM2-135M run: 256 rows (48 MiB of
-# logits) peaked at 1,615 MiB RSS, 64 rows at 1,385 MiB (docs/BENCHMARKS.md); the loss is slower in small chunks.
+# logits) peaked at 1,615 MiB RSS, 64 rows at 1,385 MiB (docs/BENCHMARKS.md, before the chunks shared one
+# buffer); the loss is slower in small chunks.
 CHECKPOINTED_CPU_CHUNK_BYTES = 12 << 20
 
 
@@ -56,9 +57,13 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     def chunked(hidden, weight, targets, chunk, grad_hidden, grad_weight):
         """The summed loss, and where given the gradients (written into grad_hidden and grad_weight), chunk by chunk."""
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # One logits buffer for every chunk: a new one per chunk is, on CPU, a fresh mapping faulted in page by
+        # page each time (tensors of 4 MiB and more, medlora/training/malloc.py), and the next chunk's logits
+        # would exist before the previous ones are freed.
+        buffer = torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=weight.dtype, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk].to(weight.dtype), targets[start:start + chunk]
-            logits = (h @ weight.t()).float()
+            logits = torch.mm(h, weight.t(), out=buffer[:h.shape[0]]).float()
             target_logits = logits.gather(1, t[:, None]).squeeze(1)
             # log-sum-exp by hand, in place: torch.logsumexp would allocate and exponentiate a second copy
             peak = logits.amax(dim=-1, keepdim=True)
