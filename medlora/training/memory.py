@@ -1,4 +1,4 @@
-"""Less memory for LoRA training on CPU, with the same computation (same loss, same gradients, same RNG stream).
+"""Less memory for LoRA training on CPU, with the same computation (same loss and gradients for the same dropout masks).
 
 Two measured causes of the peak on CPU (docs/BENCHMARKS.md, "Where the memory goes"); this module fixes the
 first, medlora/training/malloc.py (glibc malloc settings) and the trimming hooks below the second.
@@ -14,14 +14,14 @@ first, medlora/training/malloc.py (glibc malloc settings) and the trimming hooks
    rest scaled by 1 / (1 - p)), drawn from torch's generator (so `torch.manual_seed` and checkpointing's
    recomputation reproduce it) but not with the same calls: `bernoulli_` on a float tensor took 24% of a
    SmolLM2 training step in bf16 on CPU, and one 31-bit integer per element compared with p * 2**31
-   (`random_` on int32) makes the mask 1.6x faster (docs/BENCHMARKS.md). The random stream therefore differs
+   (`random_` on int32) makes the mask 1.65x faster (docs/BENCHMARKS.md). The random stream therefore differs
    from stock PEFT's; with the same mask, loss and gradients are PEFT's (tests/test_training_memory.py).
 2. **glibc malloc** holding freed memory: medlora/training/malloc.py sets glibc up. Under gradient checkpointing
    in fp32, the heap is also trimmed after each decoder layer's forward and before its backward (`malloc_trim`):
    the layer inputs kept for the backward pass (3.75 MiB each on SmolLM2 with 1,700 tokens) sit on the heap
    between the freed temporaries of every layer, which glibc does not give back from the middle of the heap by
-   itself. Measured on the target run (docs/BENCHMARKS.md): peak RSS 1,567 to 1,694 MiB without, 1,465 with,
-   for about a tenth more CPU time (the trimmed pages are faulted in again). Under bf16 autocast the casts of
+   itself. Measured on the target run (docs/BENCHMARKS.md): peak RSS 1,567 to 1,709 MiB without, 1,464 to 1,478 with,
+   for about 12% more CPU time (the trimmed pages are faulted in again). Under bf16 autocast the casts of
    every weight churn the heap and trimming cost a quarter of the step for 6% less memory: not used there.
 
 `reduce_training_memory(model, trim_between_layers)` installs `DropoutLoraA` on every plain PEFT LoRA Linear layer
@@ -44,13 +44,18 @@ def dropout_keep_mask(shape, p: float) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.int32).random_() >= round(p * 2**31)
 
 
+def dropout_noise(keep: torch.Tensor, dtype, p: float) -> torch.Tensor:
+    """The factor dropout multiplies by: 0 where dropped, 1 / (1 - p) elsewhere (torch's order: cast, then divide)."""
+    return keep.to(dtype).div_(1 - p)
+
+
 class DropoutLoraA(torch.autograd.Function):
     """F.linear(nn.Dropout(p)(x), weight) on CPU, keeping x and a bool mask instead of two float copies of x."""
 
     @staticmethod
     def forward(ctx, x, weight, p):
         keep = dropout_keep_mask(x.shape, p)
-        out = F.linear(x * keep.to(x.dtype).div_(1 - p), weight)  # the backward rebuilds it with the same calls
+        out = F.linear(x * dropout_noise(keep, x.dtype, p), weight)
         ctx.save_for_backward(x, keep, weight)
         ctx.p = p
         return out
@@ -58,7 +63,7 @@ class DropoutLoraA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, keep, weight = ctx.saved_tensors
-        noise = keep.to(x.dtype).div_(1 - ctx.p)
+        noise = dropout_noise(keep, x.dtype, ctx.p)  # what the forward multiplied by, bit for bit
         with torch.enable_grad():
             x = x.detach().requires_grad_(ctx.needs_input_grad[0])
             weight = weight.detach().requires_grad_(ctx.needs_input_grad[1])
