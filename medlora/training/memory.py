@@ -1,21 +1,25 @@
-"""Less memory for LoRA training on CPU, with the same computation (same loss and gradients for the same dropout masks).
+"""Less memory and time for LoRA training on CPU, with the same computation (same loss and gradients for the same
+dropout masks, up to rounding).
 
 Two measured causes of the peak on CPU (docs/BENCHMARKS.md, "Where the memory goes"); this module fixes the
 first, medlora/training/malloc.py (glibc malloc settings) and the trimming hooks below the second.
 
-1. **LoRA dropout copies.** PEFT computes `lora_B(lora_A(dropout(x))) * scaling`. On CPU, `nn.Dropout` draws a
-   float noise tensor (`bernoulli_(1 - p) / (1 - p)`) and multiplies: autograd keeps the noise for the dropout's
-   backward and `lora_A` keeps the dropped-out input for its weight gradient, two float copies of every adapted
-   module's input: on SmolLM2-135M with all seven linear layers adapted, 977 of 3,121 MiB saved for backward.
-   `DropoutLoraA` computes `lora_A(dropout(x))` keeping `x` (the same tensor for q/k/v, and for gate/up) and a
-   one-byte keep mask; its backward rebuilds the noise and the dropped-out input from them and differentiates
-   the very same operations.
-   The mask: the same distribution as `nn.Dropout`'s (each element dropped with probability p, to 2**-31, the
-   rest scaled by 1 / (1 - p)), drawn from torch's generator (so `torch.manual_seed` and checkpointing's
-   recomputation reproduce it) but not with the same calls: `bernoulli_` on a float tensor took 24% of a
-   SmolLM2 training step in bf16 on CPU, and one 31-bit integer per element compared with p * 2**31
-   (`random_` on int32) makes the mask 1.65x faster (docs/BENCHMARKS.md). The random stream therefore differs
-   from stock PEFT's; with the same mask, loss and gradients are PEFT's (tests/test_training_memory.py).
+1. **LoRA dropout copies.** PEFT computes `base(x) + lora_B(lora_A(dropout(x))) * scaling`. On CPU, `nn.Dropout`
+   draws a float noise tensor (`bernoulli_(1 - p) / (1 - p)`) and multiplies: autograd keeps the noise for the
+   dropout's backward and `lora_A` keeps the dropped-out input for its weight gradient, two float copies of every
+   adapted module's input: on SmolLM2-135M with all seven linear layers adapted, 977 of 3,121 MiB saved for
+   backward. `LoraBranch` computes the whole adapter branch keeping `x` (the same tensor for q/k/v, and for
+   gate/up), a one-byte mask and lora_A's rank-r output; its backward rebuilds the dropped-out input from them.
+   It is also faster: every tensor of the layer's input or output size is a full pass over memory, and PEFT
+   makes several (noise, product, lora_B's output, its product by scaling, the sum; and their gradients).
+   LoraBranch zeroes the dropped elements in one pass, applies 1 / (1 - p) and scaling to rank-r tensors and
+   adds lora_B's product to the base output in place (`addmm_`).
+   The mask: the same distribution as `nn.Dropout`'s (each element dropped with probability p, to 2**-32, the
+   rest scaled by 1 / (1 - p)), reproducible from torch's generator (`torch.manual_seed`, checkpointing's
+   recomputation) but not drawn with the same calls: `bernoulli_` on a float tensor took 24% of a SmolLM2
+   training step in bf16 on CPU; numpy's PCG64, seeded from torch's generator, is several times faster
+   (docs/BENCHMARKS.md). The random stream therefore differs from stock PEFT's; with the same mask, loss and
+   gradients are PEFT's up to rounding (tests/test_training_memory.py).
 2. **glibc malloc** holding freed memory: medlora/training/malloc.py sets glibc up. Under gradient checkpointing
    in fp32, the heap is also trimmed after each decoder layer's forward and before its backward (`malloc_trim`):
    the layer inputs kept for the backward pass (3.75 MiB each on SmolLM2 with 1,700 tokens) sit on the heap
@@ -24,53 +28,96 @@ first, medlora/training/malloc.py (glibc malloc settings) and the trimming hooks
    for about 12% more CPU time (the trimmed pages are faulted in again). Under bf16 autocast the casts of
    every weight churn the heap and trimming cost a quarter of the step for 6% less memory: not used there.
 
-`reduce_training_memory(model, trim_between_layers)` installs `DropoutLoraA` on every plain PEFT LoRA Linear layer
+`reduce_training_memory(model, trim_between_layers)` installs `LoraBranch` on every plain PEFT LoRA Linear layer
 (an instance attribute: classes, saved files and inference are untouched) and, when asked, the trimming hook on
 every decoder layer; anything else (DoRA and other variants, quantized layers, mixed adapter batches, evaluation,
 GPUs) runs PEFT's own forward.
 """
 
+import math
 import types
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from medlora.training.malloc import trim_malloc
 
 
-# ---- LoRA dropout without copies -------------------------------------------------------------------------------
-def dropout_keep_mask(shape, p: float) -> torch.Tensor:
-    """A bool mask, each element False with probability p: int32 `random_` fills [0, 2**31) uniformly."""
-    return torch.empty(shape, dtype=torch.int32).random_() >= round(p * 2**31)
+# ---- LoRA branch without copies ---------------------------------------------------------------------------------
+def dropout_drop_mask(shape, p: float) -> torch.Tensor:
+    """A bool mask, each element True (dropped) with probability p, to 2**-32.
+
+    The bits come from numpy's PCG64, seeded by one draw from torch's generator: `torch.manual_seed` and
+    checkpointing's recomputation (which restores torch's RNG state) reproduce the mask, and PCG64 fills it
+    2.5x faster than torch's own CPU generator (mt19937) does with `random_` (docs/BENCHMARKS.md)."""
+    count = math.prod(shape)
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    bits = np.random.PCG64(seed).random_raw((count + 1) // 2).view(np.int32)[:count]  # uniform on [-2**31, 2**31)
+    threshold = min(-2**31 + round(p * 2**32), 2**31 - 1)
+    return torch.from_numpy(bits).view(shape) < threshold
 
 
-def dropout_noise(keep: torch.Tensor, dtype, p: float) -> torch.Tensor:
-    """The factor dropout multiplies by: 0 where dropped, 1 / (1 - p) elsewhere (torch's order: cast, then divide)."""
-    return keep.to(dtype).div_(1 - p)
+class LoraBranch(torch.autograd.Function):
+    """base_out + scaling * lora_B(lora_A(nn.Dropout(p)(x))) for one plain LoRA adapter, training on CPU.
 
-
-class DropoutLoraA(torch.autograd.Function):
-    """F.linear(nn.Dropout(p)(x), weight) on CPU, keeping x and a bool mask instead of two float copies of x."""
+    Against PEFT's forward (dropout, two Linear calls, a product by scaling and a sum), this keeps x and a
+    one-byte mask instead of two float copies of x for the backward pass, and never builds a tensor of the
+    layer's input or output size beyond the one it must: the dropped elements are zeroed in one pass, 1 / (1 - p)
+    and scaling are applied to the rank-r tensors, and lora_B's product is added to base_out by `addmm`.
+    p == 0 (PEFT's nn.Identity dropout) keeps no mask. Under autocast the products run in the autocast dtype,
+    as PEFT's Linear calls do; the gradients come back in each input's own dtype.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, p):
-        keep = dropout_keep_mask(x.shape, p)
-        out = F.linear(x * dropout_noise(keep, x.dtype, p), weight)
-        ctx.save_for_backward(x, keep, weight)
-        ctx.p = p
+    def forward(ctx, x, base_out, weight_a, weight_b, p, scaling):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dropped_mask = dropout_drop_mask(x.shape, p) if p else None
+        with torch.autocast(device, enabled=False):
+            dropped = LoraBranch._dropped(x, dropped_mask, dtype)
+            a, b = weight_a.to(dtype), weight_b.to(dtype)
+            down = dropped.reshape(-1, x.shape[-1]) @ a.t()
+            if p:
+                down.div_(1 - p)
+            if base_out.dtype == dtype and base_out.is_contiguous():
+                # in place: base_out is the base layer's fresh output, which its backward does not keep (autograd's
+                # version counter would catch it otherwise); a new tensor of this size costs 5x the product on CPU
+                ctx.mark_dirty(base_out)
+                out = base_out
+                out.view(-1, out.shape[-1]).addmm_(down, b.t(), alpha=scaling)
+            else:
+                out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]).to(dtype), down, b.t(),
+                                  alpha=scaling).view(base_out.shape)
+        ctx.save_for_backward(x, dropped_mask, weight_a, weight_b, down)
+        ctx.p, ctx.scaling, ctx.dtype, ctx.base_dtype = p, scaling, dtype, base_out.dtype
         return out
 
     @staticmethod
+    def _dropped(x, mask, dtype):
+        """x in dtype with the masked elements zeroed."""
+        return x.to(dtype) if mask is None else torch.where(mask, 0.0, x.to(dtype))  # where: 2x masked_fill's speed
+
+    @staticmethod
     def backward(ctx, grad_out):
-        x, keep, weight = ctx.saved_tensors
-        noise = dropout_noise(keep, x.dtype, ctx.p)  # what the forward multiplied by, bit for bit
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(ctx.needs_input_grad[0])
-            weight = weight.detach().requires_grad_(ctx.needs_input_grad[1])
-            out = F.linear(x * noise, weight)
-            wanted = [t for t in (x, weight) if t.requires_grad]
-            grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        return (next(grads) if x.requires_grad else None, next(grads) if weight.requires_grad else None, None)
+        x, mask, weight_a, weight_b, down = ctx.saved_tensors
+        p, scaling, dtype = ctx.p, ctx.scaling, ctx.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            grad = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+            a, b = weight_a.to(dtype), weight_b.to(dtype)
+            grad_down = (grad @ b).mul_(scaling)  # rank r: the scalings cost nothing here
+            # (down.t() @ grad).t(), not grad.t() @ down: 5x faster on CPU for the same product
+            grad_b = (down.t() @ grad).mul_(scaling).t().to(weight_b.dtype) if ctx.needs_input_grad[3] else None
+            if p:
+                grad_down.div_(1 - p)
+            grad_a = grad_x = None
+            if ctx.needs_input_grad[2]:
+                dropped = LoraBranch._dropped(x, mask, dtype)
+                grad_a = (grad_down.t() @ dropped.reshape(-1, x.shape[-1])).to(weight_a.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_down @ a).view(x.shape)
+                grad_x = (grad_x if mask is None else torch.where(mask, 0.0, grad_x)).to(x.dtype)
+        grad_base = grad_out.to(ctx.base_dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_base, grad_a, grad_b, None, None
 
 
 def _plain_lora_linear(module) -> bool:
@@ -81,6 +128,15 @@ def _plain_lora_linear(module) -> bool:
     return type(module) is LoraLinear  # quantized and other LoRA layers have forwards of their own
 
 
+def _dropout_p(dropout) -> float | None:
+    """PEFT's dropout module as a probability: nn.Dropout(p) in training, nn.Identity; None for anything else."""
+    if type(dropout) is torch.nn.Identity:
+        return 0.0
+    if type(dropout) is torch.nn.Dropout and dropout.training and 0 <= dropout.p < 1:
+        return dropout.p
+    return None
+
+
 def _lean_applies(layer, x, args, kwargs) -> bool:
     if not (torch.is_grad_enabled() and layer.training and x.device.type == "cpu") or args or kwargs:
         return False
@@ -89,16 +145,15 @@ def _lean_applies(layer, x, args, kwargs) -> bool:
     for name in layer.active_adapters:
         if name not in layer.lora_A:
             continue
-        dropout = layer.lora_dropout[name]
-        if (name in layer.lora_variant or type(layer.lora_A[name]) is not torch.nn.Linear
-                or layer.lora_A[name].bias is not None or type(dropout) is not torch.nn.Dropout
-                or not dropout.training or not 0 < dropout.p < 1):
+        lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+        if (name in layer.lora_variant or type(lora_a) is not torch.nn.Linear or type(lora_b) is not torch.nn.Linear
+                or lora_a.bias is not None or lora_b.bias is not None or _dropout_p(layer.lora_dropout[name]) is None):
             return False
     return True
 
 
 def _lean_lora_forward(self, x, *args, **kwargs):
-    """PEFT's LoraLinear.forward for plain LoRA adapters, with lora_A(dropout(x)) as one DropoutLoraA."""
+    """PEFT's LoraLinear.forward for plain LoRA adapters, each adapter's branch as one LoraBranch."""
     if not _lean_applies(self, x, args, kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     self._check_forward_args(x)
@@ -109,8 +164,8 @@ def _lean_lora_forward(self, x, *args, **kwargs):
             continue
         lora_a = self.lora_A[name]
         x = self._cast_input_dtype(x, lora_a.weight.dtype)
-        down = DropoutLoraA.apply(x, lora_a.weight, self.lora_dropout[name].p)
-        result = result + self.lora_B[name](down) * self.scaling[name]
+        result = LoraBranch.apply(x, result, lora_a.weight, self.lora_B[name].weight,
+                                  _dropout_p(self.lora_dropout[name]), self.scaling[name])
     return result.to(torch_result_dtype)
 
 
@@ -136,7 +191,7 @@ def _decoder_layers(model):
 
 
 def reduce_training_memory(model, trim_between_layers: bool = False) -> int:
-    """Install DropoutLoraA on the model's plain PEFT LoRA Linear layers and, if trim_between_layers, the
+    """Install LoraBranch on the model's plain PEFT LoRA Linear layers and, if trim_between_layers, the
     trimming hook on its decoder layers; returns how many LoRA layers changed. Idempotent."""
     changed = 0
     for module in model.modules():
