@@ -80,6 +80,30 @@ def test_same_loss_and_gradients_as_peft_given_the_same_masks(tiny_model_path, d
     assert "forward" not in models[1].base_model.model.model.layers[0].self_attn.q_proj.__dict__
 
 
+def test_layers_with_a_bias_give_peft_s_loss_and_gradients():
+    """A Linear with a bias returns a view (not added to in place): Qwen2's q/k/v."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear", init_lora_weights=False))
+        models.append(model.train())
+    for module in models[0].modules():
+        if hasattr(module, "lora_dropout"):
+            module.lora_dropout["default"] = SameMaskDropout(0.1)
+    stock = loss_and_grads(models[0], seed=3)
+    assert reduce_training_memory(models[1]) == 14
+    lean = loss_and_grads(models[1], seed=3)
+    torch.testing.assert_close(lean[0], stock[0], rtol=1e-6, atol=0)
+    for name in stock[1]:
+        assert_close_to_scale(lean[1][name], stock[1][name], 1e-5, name)
+
+
 def test_as_close_to_fp32_as_peft_under_bf16_autocast(tiny_model_path):
     """bf16 autocast (--precision auto on CPUs with AMX or AVX512-BF16): products run in bf16 as PEFT's do, so both
     differ from fp32 by bf16 rounding; LoraBranch no more than PEFT, and its fp32 adapter weights get fp32 gradients."""

@@ -79,9 +79,10 @@ class LoraBranch(torch.autograd.Function):
             down = dropped.reshape(-1, x.shape[-1]) @ a.t()
             if p:
                 down.div_(1 - p)
-            if base_out.dtype == dtype and base_out.is_contiguous():
+            if base_out.dtype == dtype and base_out.is_contiguous() and base_out._base is None:
                 # in place: base_out is the base layer's fresh output, which its backward does not keep (autograd's
-                # version counter would catch it otherwise); a new tensor of this size costs 5x the product on CPU
+                # version counter would catch it otherwise); a new tensor of this size costs 5x the product on CPU.
+                # Not on a view (a Linear with a bias returns one): autograd would rewrite the view's history.
                 ctx.mark_dirty(base_out)
                 out = base_out
                 out.view(-1, out.shape[-1]).addmm_(down, b.t(), alpha=scaling)
