@@ -63,7 +63,8 @@ class LoraBranch(torch.autograd.Function):
     Against PEFT's forward (dropout, two Linear calls, a product by scaling and a sum), this keeps x and a
     one-byte mask instead of two float copies of x for the backward pass, and never builds a tensor of the
     layer's input or output size beyond the one it must: the dropped elements are zeroed in one pass, 1 / (1 - p)
-    and scaling are applied to the rank-r tensors, and lora_B's product is added to base_out by `addmm`.
+    and scaling are applied to the rank-r tensors, and lora_B's product is added to base_out in place by `addmm_`
+    (out of place where base_out is a view).
     p == 0 (PEFT's nn.Identity dropout) keeps no mask. Under autocast the products run in the autocast dtype,
     as PEFT's Linear calls do; the gradients come back in each input's own dtype.
     """
