@@ -1,11 +1,15 @@
 """medlora/training/memory.py: LoRA dropout without copies computes what PEFT computes with the same masks (tiny
 model, CPU), and its masks drop p of the elements;
-medlora/training/malloc.py: the glibc settings apply."""
+medlora/training/malloc.py: the glibc settings give freed tensors back or keep them for reuse."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from medlora.training.malloc import lean_malloc, trim_malloc
+from medlora.training.malloc import trim_malloc
 from medlora.training.memory import dropout_drop_mask, reduce_training_memory, restore_training_memory
 
 
@@ -155,19 +159,36 @@ def test_checkpointing_recomputes_the_same_masks_and_eval_is_unchanged(tiny_mode
         torch.testing.assert_close(model(input_ids=ids).logits, lean_logits, rtol=0, atol=0)
 
 
-def test_malloc_settings_apply_on_glibc():
-    import os
+FAULTS_OF_FREED_AND_REUSED_TENSORS = """
+import resource, sys, torch
+from medlora.training.malloc import tune_malloc
+assert tune_malloc(memory_first=sys.argv[1] == "memory_first")
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(2):
+    torch.ones(3 << 20)  # 12 MiB, freed at once
+before = faults()
+for _ in range(10):
+    torch.ones(3 << 20)
+print(faults() - before)
+"""
 
-    glibc = os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else ""
-    assert lean_malloc() == bool(glibc and glibc.startswith("glibc"))
+
+@pytest.mark.skipif(not (hasattr(os, "confstr") and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")),
+                    reason="the malloc settings are glibc's")
+def test_malloc_gives_freed_tensors_back_when_memory_comes_first_and_reuses_them_otherwise():
+    def faults(setting):  # in a process with the tcache off, as restart_with_lean_malloc starts finetune.py
+        run = subprocess.run([sys.executable, "-c", FAULTS_OF_FREED_AND_REUSED_TENSORS, setting],
+                             env={**os.environ, "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"},
+                             capture_output=True, text=True, check=True)
+        return int(run.stdout)
+
+    given_back, reused = faults("memory_first"), faults("reuse")
+    assert given_back >= 10  # every new tensor is a new mapping: at least one page fault each (more without THP)
+    assert reused < given_back / 10  # the freed pages are used again without faults
     trim_malloc()
 
 
 def test_restart_with_lean_malloc_reexecutes_once_with_the_tcache_off():
-    import os
-    import subprocess
-    import sys
-
     code = ("import os, sys; from medlora.training.malloc import restart_with_lean_malloc; "
             "print('run', flush=True); restart_with_lean_malloc(); print(os.environ.get('GLIBC_TUNABLES'))")
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MEDLORA_DEFAULT_MALLOC")}

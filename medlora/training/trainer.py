@@ -25,7 +25,7 @@ from medlora.errors import MedLoRAError
 from medlora.run_folder import CHECKPOINT_COMPLETE, RunFolder
 from medlora.training import distributed
 from medlora.training.loss import label_only_loss
-from medlora.training.malloc import lean_malloc, trim_malloc
+from medlora.training.malloc import trim_malloc, tune_malloc
 from medlora.training.memory import reduce_training_memory
 
 logger = logging.getLogger(__name__)
@@ -41,11 +41,12 @@ class LabelOnlyLossTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.add_callback(MarkCompleteCheckpoints())
         if self.args.device.type == "cpu":
-            # LoRA dropout keeps no float copies of its inputs; glibc gives freed memory back (memory.py)
-            reduce_training_memory(self.model, trim_between_layers=self.args.gradient_checkpointing
-                                   and not self.args.bf16)
-            lean_malloc()
-            self.add_callback(TrimMallocAfterSteps())
+            # LoRA branches without float copies of their inputs (memory.py); glibc set for memory under
+            # checkpointing, for reusing freed pages otherwise (malloc.py)
+            memory_first = self.args.gradient_checkpointing
+            reduce_training_memory(self.model, trim_between_layers=memory_first and not self.args.bf16)
+            tune_malloc(memory_first)
+            self.add_callback(TrimMalloc(after_every_step=memory_first))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:  # evaluation: the plain mean over this batch's trained tokens
@@ -63,8 +64,18 @@ def drop_mixed_precision_wrapper(trainer) -> None:
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
 
 
-class TrimMallocAfterSteps(TrainerCallback):
+class TrimMalloc(TrainerCallback):
+    """The heap trimmed after each optimizer step when memory comes first, and at the end of training always:
+    what the stage does next (evaluation, generation, saving) starts from what is in use."""
+
+    def __init__(self, after_every_step: bool):
+        self.after_every_step = after_every_step
+
     def on_step_end(self, args, state, control, **kwargs):
+        if self.after_every_step:
+            trim_malloc()
+
+    def on_train_end(self, args, state, control, **kwargs):
         trim_malloc()
 
 
