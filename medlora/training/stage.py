@@ -20,7 +20,7 @@ from medlora.errors import MedLoRAError
 class TrainingStage:
     def __init__(self, name: str, flags):
         from medlora.flags import check_numeric_flags
-        from medlora.models.loading import continued_adapter_defaults
+        from medlora.models.loading import continued_adapter_defaults, resolve_precision
         from medlora.run_folder import RunFolder
         from medlora.training import distributed
         from medlora.training.trainer import (
@@ -47,7 +47,7 @@ class TrainingStage:
         self.lora_weights = getattr(flags, "lora_weights", "") if self.use_lora else ""
         self.base_model, self.template_name = continued_adapter_defaults(
             self.lora_weights, flags.base_model, getattr(flags, "prompt_template_name", ""))
-        self.precision = None
+        self.precision = resolve_precision(flags.precision)  # an unknown value fails here, before any work
 
     def data_tokenizer(self) -> tuple:
         """(resolved base model path, tokenizer) for the data phase, which runs before the model loads: the
@@ -67,13 +67,11 @@ class TrainingStage:
             fit_embeddings_to_tokenizer,
             load_base_model,
             load_tokenizer,
-            resolve_precision,
         )
         from medlora.training.trainer import prepare_quantized_for_training
 
         flags = self.flags
         transformers.set_seed(flags.seed)
-        self.precision = resolve_precision(flags.precision)
         tokenizer = load_tokenizer(self.lora_weights or model_path, flags.trust_remote_code)
         # Full training in fp16 keeps fp32 weights under autocast: fp16 trainable parameters underflow.
         dtype = torch.float32 if (not self.use_lora and self.precision.weights == torch.float16) else self.precision.weights
@@ -85,26 +83,49 @@ class TrainingStage:
         return model, tokenizer
 
     def training_arguments(self, config_class, *, validation: bool | None, train_examples: int, **extra):
-        """The Trainer's (or a TRL config's) arguments from the shared flags, plus the stage's own `extra`.
-        validation: None for a stage that never evaluates; train_examples: what --batch_size counts."""
-        from medlora.training.trainer import (
-            optimizer_steps,
-            resolve_warmup,
-            shared_training_arguments,
-        )
+        """The Trainer's (or a TRL config's) arguments: the fields every stage sets the same way (precision from
+        the hardware, checkpoints, logging, seeds, torchrun on CPU or GPU) from the shared flags, plus the stage's
+        own `extra`. validation: None for a stage that never evaluates, else whether there are validation
+        examples; train_examples: what --batch_size counts."""
+        import torch
 
-        flags = self.flags
+        from medlora.training import distributed
+        from medlora.training.trainer import NON_REENTRANT_CHECKPOINTING, optimizer_steps, resolve_warmup
+
+        flags, precision = self.flags, self.precision
         self.total_steps = optimizer_steps(train_examples, flags.batch_size, flags.num_epochs, flags.max_steps)
-        shared = shared_training_arguments(
-            micro_batch_size=flags.micro_batch_size, gradient_accumulation_steps=self.gradient_accumulation_steps,
-            num_epochs=flags.num_epochs, max_steps=flags.max_steps, learning_rate=flags.learning_rate,
+        on_gpu = torch.cuda.is_available()
+        arguments = dict(
+            per_device_train_batch_size=flags.micro_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            num_train_epochs=flags.num_epochs,
+            max_steps=flags.max_steps,
+            learning_rate=flags.learning_rate,
             warmup_steps=resolve_warmup(flags.warmup_steps, flags.warmup_ratio, self.total_steps),
-            dtype=self.precision.weights, autocast_bf16=self.precision.autocast_bf16,
-            gradient_checkpointing=flags.gradient_checkpointing, logging_steps=flags.logging_steps,
-            save_steps=flags.save_steps, save_total_limit=flags.save_total_limit, report_to=self.report_to,
-            wandb_run_name=flags.wandb_run_name, seed=flags.seed, validation=validation,
-            eval_steps=getattr(flags, "eval_steps", None))
-        return config_class(output_dir=flags.output_dir, **shared, **extra)
+            bf16=(on_gpu and precision.weights == torch.bfloat16) or precision.autocast_bf16,
+            fp16=on_gpu and precision.weights == torch.float16,
+            # transformers 5's names (gradient_checkpointing* are deprecated aliases); set explicitly, they also
+            # override TRL configs' default of checkpointing on
+            activation_checkpointing=flags.gradient_checkpointing,
+            activation_checkpointing_kwargs=NON_REENTRANT_CHECKPOINTING,
+            logging_steps=flags.logging_steps,
+            save_strategy="steps",
+            save_steps=flags.save_steps,
+            save_total_limit=flags.save_total_limit,
+            report_to=[] if self.report_to == "none" else [self.report_to],
+            run_name=flags.wandb_run_name or None,
+            seed=flags.seed,
+            data_seed=flags.seed,
+            ddp_find_unused_parameters=False if distributed.world_size() > 1 else None,
+            disable_tqdm=not distributed.is_main_process(),
+            dataloader_pin_memory=on_gpu,
+            # Without use_cpu, torchrun on a machine without GPU runs unsynchronised copies of the model.
+            use_cpu=not on_gpu and not torch.backends.mps.is_available(),
+        )
+        if validation is not None:
+            arguments.update(per_device_eval_batch_size=flags.micro_batch_size,
+                             eval_strategy="steps" if validation else "no", eval_steps=getattr(flags, "eval_steps", None))
+        return config_class(output_dir=flags.output_dir, **arguments, **extra)
 
     def save(self, model, tokenizer, trainer, **resolved) -> bool:
         """On the main process: the model, tokenizer, training log and medlora_run.json (the flags as given

@@ -1,4 +1,5 @@
-"""Batches, the training loss, checkpoints and the Trainer arguments every stage shares.
+"""Batches, the training loss, checkpoints, and the pieces of the Trainer arguments (accumulation, warmup,
+reporting) that TrainingStage (stage.py) puts together for every stage.
 
 Two collators build micro-batches from encoded examples:
   PaddedCollator  rows padded to the longest (a multiple of 8), with an attention_mask
@@ -147,48 +148,6 @@ def prepare_quantized_for_training(model, gradient_checkpointing: bool):
 
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                            gradient_checkpointing_kwargs=NON_REENTRANT_CHECKPOINTING)
-
-
-def shared_training_arguments(*, micro_batch_size, gradient_accumulation_steps, num_epochs, max_steps, learning_rate,
-                              warmup_steps, dtype, gradient_checkpointing, logging_steps, save_steps, save_total_limit,
-                              report_to, wandb_run_name, seed, validation=None, eval_steps=None,
-                              autocast_bf16=False) -> dict:
-    """The TrainingArguments (or TRL config) fields that every stage sets the same way: precision from the
-    hardware, checkpoints, logging, seeds, and torchrun on CPU or GPU. validation: None for a stage with
-    no evaluation, else whether there are validation examples. autocast_bf16: bf16 autocast over fp32 weights
-    (CPUs with AMX/AVX512-BF16). warmup_steps: a count, or a fraction of the run when below 1."""
-    on_gpu = torch.cuda.is_available()
-    arguments = dict(
-        per_device_train_batch_size=micro_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        num_train_epochs=num_epochs,
-        max_steps=max_steps,
-        learning_rate=learning_rate,
-        warmup_steps=warmup_steps,
-        bf16=(on_gpu and dtype == torch.bfloat16) or autocast_bf16,
-        fp16=on_gpu and dtype == torch.float16,
-        # transformers 5's names (gradient_checkpointing* are deprecated aliases); set explicitly, they also
-        # override TRL configs' default of checkpointing on
-        activation_checkpointing=gradient_checkpointing,
-        activation_checkpointing_kwargs=NON_REENTRANT_CHECKPOINTING,
-        logging_steps=logging_steps,
-        save_strategy="steps",
-        save_steps=save_steps,
-        save_total_limit=save_total_limit,
-        report_to=[] if report_to == "none" else [report_to],
-        run_name=wandb_run_name or None,
-        seed=seed,
-        data_seed=seed,
-        ddp_find_unused_parameters=False if distributed.world_size() > 1 else None,
-        disable_tqdm=not distributed.is_main_process(),
-        dataloader_pin_memory=on_gpu,
-        # Without use_cpu, torchrun on a machine without GPU runs unsynchronised copies of the model.
-        use_cpu=not on_gpu and not torch.backends.mps.is_available(),
-    )
-    if validation is not None:
-        arguments.update(per_device_eval_batch_size=micro_batch_size, eval_strategy="steps" if validation else "no",
-                         eval_steps=eval_steps)
-    return arguments
 
 
 def resolve_warmup(warmup_steps: int | None, warmup_ratio: float, total_steps: int) -> int | float:
