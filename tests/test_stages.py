@@ -60,7 +60,7 @@ def pt_adapter(tmp_path_factory, tiny_model_path):
     output_dir = tmp_path_factory.mktemp("pt") / "pt"
     result = run_launcher("run_pt.sh", {"BASE_MODEL": TINY, "OUTPUT_DIR": output_dir}, "--block_size", 64,
                           "--batch_size", 8, "--micro_batch_size", 8, "--max_steps", 8, "--learning_rate", 2e-2,
-                          "--val_set_size", 6, "--lora_target_modules", "all-linear", *QUICK)
+                          "--val_set_size", 6, "--lora_target_modules", "all-linear", "--precision", "fp32", *QUICK)
     return output_dir, result.stdout
 
 
@@ -71,6 +71,30 @@ def test_pretraining_lowers_the_loss_and_the_validation_perplexity(pt_adapter):
     settings = settings_of(output_dir)
     assert settings["validation_perplexity_after"] < settings["validation_perplexity_before"]
     assert "documents: 61 read (55 train, 6 validation)" in stdout and "validation perplexity" in stdout
+
+
+@pytest.mark.slow
+def test_pretrained_adapter_reloads_with_the_validation_perplexity_it_reported(pt_adapter):
+    """The saved adapter, loaded afresh, gives the validation perplexity that the run measured on the model it
+    trained in memory (and handed to stage.save)."""
+    from medlora.data.splits import split_validation
+    from medlora.models.loading import load_for_inference
+    from medlora.training.collators import PaddedCollator
+    from medlora.training.loss import label_only_loss
+
+    output_dir, _ = pt_adapter
+    settings = settings_of(output_dir)
+    loaded = load_for_inference(lora_weights=str(output_dir), precision="fp32")
+    documents = list(load_documents(ROOT / settings["data_path"]).documents)
+    _, held_out = split_validation(documents, settings["val_set_size"], settings["seed"], "documents")
+    blocks = group_into_blocks(tokenize_documents(loaded.tokenizer, held_out), settings["block_size"]).blocks
+    assert len(held_out) == 6 and blocks  # whole blocks: every one weighs the same in the Trainer's mean
+    batch = PaddedCollator(loaded.tokenizer.pad_token_id)([{"input_ids": ids, "labels": ids} for ids in blocks])
+    with torch.no_grad():
+        reloaded = math.exp(label_only_loss(loaded.model, batch).item())
+    after, before = settings["validation_perplexity_after"], settings["validation_perplexity_before"]
+    assert reloaded == pytest.approx(after, rel=1e-4)
+    assert abs(after - before) > 100 * abs(reloaded - after)  # the check can tell the tuned adapter from the base
 
 
 @pytest.mark.slow
