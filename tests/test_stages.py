@@ -316,7 +316,7 @@ def dpo_adapter(tmp_path_factory, tiny_adapter):
     output_dir = tmp_path_factory.mktemp("dpo") / "dpo"
     result = run_launcher("run_dpo.sh", {"LORA_WEIGHTS": tiny_adapter, "OUTPUT_DIR": output_dir}, "--max_steps", 6,
                           "--batch_size", 8, "--micro_batch_size", 4, "--learning_rate", 1e-2, "--val_set_size", 0,
-                          "--cutoff_len", 96, *QUICK)
+                          "--cutoff_len", 96, "--precision", "fp32", *QUICK)
     return output_dir, result.stdout
 
 
@@ -347,6 +347,41 @@ def test_dpo_adapter_loads_with_no_extra_flags(dpo_adapter, tiny_adapter):
     assert max((tuned[key] - sft[key]).abs().max().item() for key in sft) > 1e-4
     assert not (output_dir / "ref").exists()
     assert load_for_inference(lora_weights=str(output_dir)).template_name == "alpaca"
+
+
+@pytest.mark.slow
+def test_dpo_adapter_reloads_with_the_loss_the_run_reported(dpo_adapter, tiny_adapter):
+    """The saved DPO adapter, loaded afresh beside its reference (the SFT adapter), gives the DPO loss on the
+    training pairs that the run measured on the model it trained in memory: -log sigmoid(beta * (the policy's
+    minus the reference's log-probability of the chosen reply, minus the same for the rejected one))."""
+    import torch.nn.functional as F
+
+    from medlora.models.loading import load_for_inference
+
+    output_dir, _ = dpo_adapter
+    settings = settings_of(output_dir)
+    policy = load_for_inference(lora_weights=str(output_dir), precision="fp32")
+    reference = load_for_inference(lora_weights=str(tiny_adapter), precision="fp32").model
+    pairs = load_preference_pairs(ROOT / settings["data_path"]).pairs
+    encoded = encode_pairs(policy.tokenizer, PromptTemplate.load(settings["prompt_template_name"]), pairs,
+                           settings["cutoff_len"]).examples
+
+    def reply_log_probability(model, prompt_ids, reply_ids):
+        ids = torch.tensor([prompt_ids + reply_ids])
+        log_probs = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        return log_probs[len(prompt_ids) - 1:].gather(1, ids[0, len(prompt_ids):, None]).sum()
+
+    losses = []
+    with torch.no_grad():
+        for example in encoded:
+            ratio = {reply: reply_log_probability(policy.model, example["prompt_ids"], example[f"{reply}_ids"])
+                     - reply_log_probability(reference, example["prompt_ids"], example[f"{reply}_ids"])
+                     for reply in ("chosen", "rejected")}
+            losses.append(-F.logsigmoid(settings["beta"] * (ratio["chosen"] - ratio["rejected"])))
+    reloaded = torch.stack(losses).mean().item()
+    reported = settings["preference_metrics"]["loss"]
+    assert reloaded == pytest.approx(reported["after"], rel=1e-4)
+    assert abs(reported["after"] - reported["before"]) > 100 * abs(reloaded - reported["after"])
 
 
 def test_preference_losses_match_their_formulas(tiny_model_path, tiny_tokenizer):
