@@ -3,15 +3,16 @@
 Freed tensors return to glibc, which keeps small freed blocks in per-thread caches (tcache)
 and fast bins that never merge with their neighbours; small long-lived objects then pin holes between large
 blocks, and the heap grows past what is in use. `tune_malloc()` turns the fast bins off (`mallopt(M_MXFAST, 0)`)
-and then takes one of two settings (docs/BENCHMARKS.md, "The allocator"):
+and then takes one of two settings (docs/BENCHMARKS.md, "Freed memory kept for reuse" and "Where the memory
+goes"):
 
 - `memory_first` (gradient checkpointing, where the user asked for memory over speed): tensors of 4 MiB and
   more are their own mappings, given back to the system when freed (a fixed `M_MMAP_THRESHOLD`), and the heap
   is trimmed after each optimizer step (`malloc_trim`; memory.py also trims between decoder layers).
 - otherwise, reuse: freed memory stays with the process (mappings only from 32 MiB, glibc's largest threshold,
   and no automatic trimming), so every step reuses the pages of the step before. Giving them back costs a page
-  fault and the kernel zeroing the page at every reuse: on SmolLM2-135M without checkpointing, 600-700 thousand
-  faults and 4-5 s of system time per step, for the same peak.
+  fault and the kernel zeroing the page at every reuse: on SmolLM2-135M without checkpointing, 420-710 thousand
+  faults and 3-5 s of system time per step against 12-18 thousand and 0.5 s, for the same peak.
 
 The tcache can only be turned off when a process starts (`GLIBC_TUNABLES`): `restart_with_lean_malloc()`,
 the first thing `python finetune.py` does, re-executes the same command once with
