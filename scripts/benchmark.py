@@ -68,7 +68,7 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # CPU shapes: the model (random weights from CPU_SHAPE, or a built-in), LoRA targets, default records (full, --quick)
 CPU_SHAPES = {
     "cpu": dict(model="random", lora_target_modules=["q_proj", "v_proj"], records=256, quick_records=32),
-    "smollm2-135m": dict(model="builtin:smollm2-135m-instruct", lora_target_modules=ALL_LINEAR, records=40,
+    "smollm2-135m": dict(model="builtin:smollm2-135m-instruct", lora_target_modules=ALL_LINEAR, records=80,
                          quick_records=16),
 }
 CPU_SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -103,7 +103,7 @@ def main(configs: str = ",".join(TRAINING_CONFIGS + EXTRA_CONFIGS), device: str 
         configs: Comma-separated: medlora, alpaca_lora, trl, trl_padding_free, data_prep, generation.
         device: cpu (the fixed CPU bench) or cuda (GPU shapes; needs a GPU).
         quick: 32 training records and 512 data-prep records: a smoke test, not a measurement.
-        records: Training records per shape (the first N of the data); default 256 (cpu) or 40 (smollm2-135m),
+        records: Training records per shape (the first N of the data); default 256 (cpu) or 80 (smollm2-135m),
             32 or 16 with --quick.
         shapes: Comma-separated; cpu: cpu, smollm2-135m (default both); cuda: llama-3.2-1b, llama-3.1-8b (default both).
         quant: With --device cuda: lora (bf16 base), qlora (4-bit NF4 base), comma-separated.
