@@ -192,6 +192,30 @@ def test_skip_bad_questions_keeps_the_rest_and_says_which_were_dropped(tmp_path,
         load_question_file(every, skip_bad_records=True)
 
 
+def test_questions_without_options_or_with_repeated_options_are_bad_records(tmp_path):
+    """A record with no options (a traceback, KeyError 'choices', before issue 28) and options that repeat the same
+    text (scored silently before: both get the same score but the letter) are refused like any bad record."""
+    from medlora.data.questions import load_question_file
+
+    path = write_records(tmp_path / "questions.jsonl", QUESTION, {
+        2: {"question": "Which vitamin?", "answer_idx": "A"},
+        3: {"question": "Which drug?", "choices": ["Aspirin", "Ibuprofen", "  ASPIRIN "], "answer": 0},
+    }, total=3)
+    with pytest.raises(MedLoRAError) as raised:
+        load_question_file(path)
+    assert str(raised.value).splitlines()[1:] == [
+        f"  {path}: record 2: field 'options': missing (give the options as 'options' or 'choices')",
+        f"  {path}: record 3: field 'choices': options A and C are the same text ('ASPIRIN'); a question needs "
+        "distinct options"]
+    medmcqa = write_records(tmp_path / "medmcqa.jsonl", {"question": "Q?", "opa": "a", "opb": "b", "opc": "c",
+                                                         "opd": "d", "cop": 1}, {2: {"question": "Q?", "opa": "a",
+                                                         "opb": "b", "opc": "b", "opd": "d", "cop": 1}}, total=2)
+    assert [q.source for q in load_question_file(medmcqa, skip_bad_records=True).questions] == [
+        f"{medmcqa}: record 1"]
+    with pytest.raises(MedLoRAError, match=r"record 2: field 'opa-opd': options B and C are the same text \('b'\)"):
+        load_question_file(medmcqa)
+
+
 @pytest.mark.slow
 def test_rl_refuses_a_prompt_file_with_bad_records_then_trains_on_the_rest_when_asked(tmp_path):
     data = write_records(tmp_path / "prompts.jsonl", GOOD_PROMPT, PROMPT_BAD, total=8)

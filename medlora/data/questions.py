@@ -126,6 +126,8 @@ def _option_text(value, where: str, field_name: str) -> str:
 def _medqa(record: dict, where: str) -> Question:
     question = field_text(record, "question", where)
     key = "options" if "options" in record else "choices"
+    if key not in record:
+        raise MedLoRAError(f"{where}: field 'options': missing (give the options as 'options' or 'choices')")
     options = record[key]
     if isinstance(options, dict):
         expected = list(LETTERS[: len(options)])
@@ -139,10 +141,23 @@ def _medqa(record: dict, where: str) -> Question:
         raise MedLoRAError(f"{where}: field '{key}': expected an object of letter -> text, or a list of texts")
     if not 2 <= len(options) <= len(LETTERS):
         raise MedLoRAError(f"{where}: field '{key}': expected 2 to 26 options, got {len(options)}")
+    _refuse_repeated_options(options, where, key)
     answer_key = "answer_idx" if "answer_idx" in record else "answer"
     if answer_key not in record:
         raise MedLoRAError(f"{where}: field 'answer_idx': missing (give the correct option as 'answer_idx' or 'answer')")
     return Question(question, options, _answer(record[answer_key], options, where, answer_key), source=where)
+
+
+def _refuse_repeated_options(options: list, where: str, field_name: str) -> None:
+    """Two options with the same text (case and spacing aside) make a question that cannot be scored: both get
+    the same score but the letter, and only one can be the answer."""
+    seen = {}
+    for index, text in enumerate(options):
+        normalized = " ".join(text.split()).casefold()
+        if normalized in seen:
+            raise MedLoRAError(f"{where}: field '{field_name}': options {LETTERS[seen[normalized]]} and {LETTERS[index]} "
+                               f"are the same text ({text.strip()[:60]!r}); a question needs distinct options")
+        seen[normalized] = index
 
 
 def _answer(value, options: list, where: str, field_name: str) -> int:
@@ -161,6 +176,7 @@ def _answer(value, options: list, where: str, field_name: str) -> int:
 def _medmcqa(record: dict, where: str) -> Question:
     question = field_text(record, "question", where)
     options = [_option_text(record.get(key), where, key) for key in ("opa", "opb", "opc", "opd")]
+    _refuse_repeated_options(options, where, "opa-opd")
     cop = record.get("cop")
     if cop is None:
         raise MedLoRAError(f"{where}: field 'cop': missing")

@@ -103,23 +103,42 @@ class ConversationEncoder:
                 return closing + len(eos_text)
         return end
 
-    def _encode_batch(self, conversations):
+    def encode_final_reply(self, conversations: list) -> list:
+        """[(input_ids, positions)] per conversation: its ids and the positions of the tokens of its last reply's
+        own text (without the template's closing text or EOS), what multiple-choice scoring sums log-probabilities
+        over, as lm-evaluation-harness scores a continuation. Labels play no part: they depend on add_eos_token
+        and on how the template closes a reply."""
+        results = []
+        for conversation, (item, prefix, ids, offsets) in zip(conversations, self._tokenize(conversations)):
+            reply = conversation.messages[-1]["content"].strip()
+            span_start, span_end = item.assistant_spans[-1] if item.assistant_spans else (0, 0)
+            start = item.text.find(reply, span_start, span_end)
+            if conversation.messages[-1]["role"] != "assistant" or not reply or start < 0:
+                raise MedLoRAError(f"{conversation.source or 'a conversation'}: template '{self.template.name}' "
+                                   "does not render the last reply's text as given, so it cannot be scored")
+            first, last = _token_range(offsets, [s for s, _ in offsets], start, start + len(reply))
+            results.append((prefix + ids, [len(prefix) + position for position in range(first, last)]))
+        return results
+
+    def _tokenize(self, conversations):
+        """(rendered conversation, special prefix ids, token ids, character offsets) per conversation."""
         rendered = [self.template.render(c, self.tokenizer) for c in conversations]
         encodings = self.tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
         bos = self.tokenizer.bos_token
-        eos_text, eos_id = self.tokenizer.eos_token, self.tokenizer.eos_token_id
         for item, ids, offsets in zip(rendered, encodings["input_ids"], encodings["offset_mapping"]):
             # Chat templates often write the BOS text themselves; do not add a second one.
             prefix = [] if bos and item.text.startswith(bos) else self.prefix_ids
+            yield item, prefix, ids, offsets
+
+    def _encode_batch(self, conversations):
+        eos_text, eos_id = self.tokenizer.eos_token, self.tokenizer.eos_token_id
+        for item, prefix, ids, offsets in self._tokenize(conversations):
             starts = [start for start, _ in offsets]
             trained = [False] * len(ids)
             eos_positions = []
             for span_start, span_end in item.assistant_spans:
                 span_end = self._end_at_eos(item.text, span_start, span_end)
-                first = bisect_left(starts, span_start)
-                while first > 0 and offsets[first - 1][1] > span_start:  # a token straddling the reply's start
-                    first -= 1
-                last = bisect_left(starts, span_end)  # tokens starting inside the reply
+                first, last = _token_range(offsets, starts, span_start, span_end)
                 for position in range(first, last):
                     trained[position] = True
                 if self.add_eos_token and not item.text[span_start:span_end].endswith(eos_text):
@@ -141,3 +160,12 @@ class ConversationEncoder:
             if self.train_on_inputs:
                 labels = list(input_ids)
             yield input_ids, labels
+
+
+def _token_range(offsets: list, starts: list, start: int, end: int) -> tuple:
+    """(first, last): the tokens that cover characters start..end, a token straddling the start included
+    (starts: each token's first character, offsets' first column)."""
+    first = bisect_left(starts, start)
+    while first > 0 and offsets[first - 1][1] > start:
+        first -= 1
+    return first, bisect_left(starts, end)  # tokens starting inside the span

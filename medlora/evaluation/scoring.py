@@ -3,7 +3,7 @@
 Questions and their prompts come from medlora/data/questions.py.
 
 loglik (lm-evaluation-harness multiple-choice style): each option's reply is scored by the sum of the
-log-probabilities of its tokens after the prompt (no EOS).  With lm-eval's names: acc, the option with
+log-probabilities of its own text's tokens after the prompt (not the template's closing text, not EOS).  With lm-eval's names: acc, the option with
 the highest sum is right; acc_norm, the highest sum per character of the reply; acc_bytes, per UTF-8 byte.
 Each comes with its standard error (medlora/evaluation/report.py).
 generate (medAlpaca style): a greedy reply, from which `extract_choice` reads the chosen option.
@@ -134,15 +134,14 @@ class Evaluator:
                                     logits_to_keep=predict_at.to(self.device), use_cache=False).logits
             logprobs = logits.float().log_softmax(dim=-1).cpu()
             for row, (index, request) in enumerate(zip(indices, batch)):
-                columns = torch.searchsorted(predict_at, torch.tensor(request.positions) - 1)
-                targets = torch.tensor([request.input_ids[p] for p in request.positions])
+                columns = torch.searchsorted(predict_at, torch.tensor(request.positions, dtype=torch.long) - 1)
+                targets = torch.tensor([request.input_ids[p] for p in request.positions], dtype=torch.long)
                 results[index] = (logprobs[row, columns, targets].sum().item(), len(request.positions))
         return results
 
     def loglik(self, questions: list, shots: list, desc: str) -> dict:
         conversations = [conversation(q, s, i) for q, s in zip(questions, shots) for i in range(len(q.options))]
-        encoded = self.encoder.encode(conversations).examples
-        requests = [ScoringRequest(e.input_ids, _final_reply_positions(e.labels)) for e in encoded]
+        requests = [ScoringRequest(ids, positions) for ids, positions in self.encoder.encode_final_reply(conversations)]
         scores = iter(self.score_requests(requests, desc))
         rows = []
         for question in questions:
@@ -207,15 +206,6 @@ class Evaluator:
         nll = -sum(total for total, _ in scores) / max(tokens, 1)
         return {"perplexity": math.exp(nll), "mean_nll": nll, "tokens": tokens, "records": len(report.examples),
                 "dropped": sum(report.dropped.values()), "truncated": report.truncated}
-
-
-def _final_reply_positions(labels: list) -> list:
-    """The last run of labelled positions: the option's reply (few-shot replies are labelled too)."""
-    end = len(labels)
-    start = end
-    while start > 1 and labels[start - 1] != IGNORE_INDEX:
-        start -= 1
-    return list(range(start, end))
 
 
 def _describe(question: Question) -> dict:
