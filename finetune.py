@@ -125,8 +125,10 @@ def prepare_data(flags, stage) -> tuple:
     encoder = ConversationEncoder(tokenizer, template, flags.cutoff_len, flags.train_on_inputs, flags.add_eos_token)
     train_report, val_report = encoder.encode(train_conversations), encoder.encode(val_conversations)
     if not train_report.examples:
+        longest = train_report.percentiles((50, 100))
         raise MedLoRAError(f"{flags.data_path}: no training record has a trained token left after truncation at "
-                           f"--cutoff_len {flags.cutoff_len}")
+                           f"--cutoff_len {flags.cutoff_len} (the records are {longest.get(50)} tokens at the median, "
+                           f"{longest.get(100)} at most: raise --cutoff_len)")
     return template, loaded, train_report, val_report, model_path
 
 

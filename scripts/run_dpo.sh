@@ -4,7 +4,7 @@
 #   LORA_WEIGHTS=./lora-medlora DATA_PATH=../shared/datasets/medicalgpt/dpo_zh_500.jsonl LOSS=orpo \
 #     OUTPUT_DIR=./orpo-medlora bash scripts/run_dpo.sh --beta 0.1
 # BASE_MODEL defaults to the adapter's base; with LORA_WEIGHTS empty a fresh LoRA is trained on BASE_MODEL
-# (default: the built-in tiny model). Extra arguments go to dpo.py; NPROC=4 runs it under torchrun.
+# (default: SmolLM2-135M-Instruct). Extra arguments go to dpo.py; NPROC=4 runs it under torchrun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LORA_WEIGHTS=${LORA_WEIGHTS-./lora-medlora}

@@ -2,7 +2,8 @@
 # The whole training pipeline, offline, on the built-in tiny model with tiny step counts (a couple of
 # minutes on a laptop CPU): PT -> SFT -> DPO, and the RLHF branch SFT -> RM -> RL. It checks that the
 # stages fit together (each loads the previous one's output with no extra flag); the toy model learns
-# nothing medical, and nothing it says is medical advice. See docs/pipeline.md.
+# nothing medical, and nothing it says is medical advice. The launchers' own default is the real
+# SmolLM2-135M-Instruct (docs/pipeline.md); here BASE_MODEL names the toy. See docs/pipeline.md.
 #   bash scripts/run_pipeline_offline.sh                  # outputs in ./pipeline-offline/
 #   WORK_DIR=/tmp/pipeline bash scripts/run_pipeline_offline.sh
 set -euo pipefail
@@ -15,7 +16,7 @@ TINY=(--batch_size 4 --micro_batch_size 4 --max_steps 2 --warmup_steps 0 --learn
 step() { echo; echo "==== $1"; }
 
 step "PT: continued pretraining on data/pretrain/"
-OUTPUT_DIR="$WORK_DIR/pt" bash scripts/run_pt.sh "${TINY[@]}" --block_size 64 --val_set_size 4
+BASE_MODEL=builtin:tiny-llama OUTPUT_DIR="$WORK_DIR/pt" bash scripts/run_pt.sh "${TINY[@]}" --block_size 64 --val_set_size 4
 
 step "SFT: continue the PT adapter on data/sft/"
 LORA_WEIGHTS="$WORK_DIR/pt" OUTPUT_DIR="$WORK_DIR/sft" bash scripts/run_sft.sh "${TINY[@]}" --cutoff_len 128 \
@@ -26,7 +27,7 @@ LORA_WEIGHTS="$WORK_DIR/sft" OUTPUT_DIR="$WORK_DIR/dpo" bash scripts/run_dpo.sh 
   --val_set_size 4
 
 step "RM: a reward model on data/preference/"
-OUTPUT_DIR="$WORK_DIR/rm" bash scripts/run_rm.sh "${TINY[@]}" --cutoff_len 96 --val_set_size 4
+BASE_MODEL=builtin:tiny-llama PROMPT_TEMPLATE=alpaca OUTPUT_DIR="$WORK_DIR/rm" bash scripts/run_rm.sh "${TINY[@]}" --cutoff_len 96 --val_set_size 4
 
 step "RL: GRPO of the SFT adapter against the reward model"
 LORA_WEIGHTS="$WORK_DIR/sft" REWARD_MODEL="$WORK_DIR/rm" OUTPUT_DIR="$WORK_DIR/rl" bash scripts/run_rl.sh "${TINY[@]}" \

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Stage 1, continued pretraining (PT) on plain medical text: pretrain.py. See docs/pipeline.md.
-#   bash scripts/run_pt.sh                                # built-in tiny model, data/pretrain/
+#   bash scripts/run_pt.sh                                # SmolLM2-135M-Instruct (the default model), data/pretrain/
 #   BASE_MODEL=Qwen/Qwen2.5-1.5B DATA_PATH=../shared/datasets/medicalgpt/pretrain_fever_zh.txt \
 #     OUTPUT_DIR=./pt-fever bash scripts/run_pt.sh --block_size 1024 --load_in_4bit
-# Extra arguments go to pretrain.py; NPROC=4 runs it under torchrun on 4 GPUs.
+# BASE_MODEL defaults to pretrain.py's (SmolLM2). Extra arguments go to pretrain.py; NPROC=4 runs it under torchrun on 4 GPUs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BASE_MODEL=${BASE_MODEL:-builtin:tiny-llama}
+BASE_MODEL=${BASE_MODEL:-}
 DATA_PATH=${DATA_PATH:-data/pretrain}
 OUTPUT_DIR=${OUTPUT_DIR:-./pt-medlora}
 if [ -z "${PYTHON:-}" ]; then PYTHON=python; [ -x .venv/bin/python ] && PYTHON=.venv/bin/python; fi

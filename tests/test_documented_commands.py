@@ -1,13 +1,17 @@
-"""Every command in the fenced bash blocks of README.md and docs/*.md, run as written, so that a documented command
-cannot break unnoticed (issue 14, item 6).
+"""Every command in the fenced bash blocks of README.md and docs/*.md, run as written on the real default model
+(SmolLM2-135M-Instruct), so that a documented command cannot break unnoticed (issues 14 and 28).
 
 How each command is treated, in this order:
-  * SKIP: a command that cannot run here (a hub model, a GPU, a server that runs until stopped, another program,
-    the reader's own files...) matches a rule of the table below, which says why. A rule that matches no command
-    fails the test (a stale rule hides nothing).
+  * SKIP: a command that cannot run here (a hub model, a GPU, another program, the reader's own files...) matches a
+    rule of the table below, which says why. A rule that matches no command fails the test (a stale rule hides
+    nothing).
   * COVERED: a command that another test already runs as written (the offline pipeline, the quick benchmark)
     names that test, and the test must exist.
   * A command identical to one run earlier is not run twice.
+  * A server (`python serve.py ...`, `python generate.py ...` without --data_file) starts as a process on a free
+    port of 127.0.0.1, answers one request (serve.py: a chat completion through the official openai client; the
+    chat page: its configuration, which must carry the not-medical-advice notice), and stops on SIGTERM without
+    a traceback.
   * Everything else runs. Each document's commands run in document order in one working folder (tmp) that holds
     links to the repository's scripts, data, templates and scripts/ folder, so relative paths (./lora-medlora,
     data/eval/...) mean what they mean in a clone; a document that uses ./lora-medlora before training one gets a
@@ -17,19 +21,17 @@ How each command is treated, in this order:
     at end of file (a terminal chat ends at once, as on Ctrl-D); a `bash scripts/run_*.sh` launcher runs as a
     process. A command that matches no rule and does not run fails the test.
 
-What may be added to a command (never changed in it): small step counts (SMALL_STEPS: --max_steps, a --batch_size
-of one micro-batch, --val_set_size, --limit, --max_new_tokens, --eval_prompts...), --overwrite_output_dir on training
-commands (a page lists alternatives that share a stage's default --output_dir, which a stage refuses to train into
-twice), and, for commands that would train the default model
-builtin:smollm2-135m-instruct, `--base_model builtin:tiny-llama` (TINY_BASE): two optimizer steps of the 135M model
-take minutes on 2 CPU cores (7 minutes measured on a loaded CI-sized machine), the suite's whole budget for this
-test. The commands downstream of those (evaluate, chat, generate, the exports, DPO/RL on ./lora-medlora) then run
-exactly as written and load the tiny base through the adapter. Commands that only load SmolLM2 for inference
-(chat.py --knowledge_path ...) run on SmolLM2 as written.
+So the stages chain as a user chains them: README.md's `python finetune.py` trains a SmolLM2 adapter, and
+evaluate (loglik, generate, perplexity), chat, batch answers, serve, the three exports, and pretrain / dpo /
+reward / rl run on it or on SmolLM2 itself. What may be added to a command (never changed in it): small step
+counts (SMALL_STEPS: --max_steps, a --batch_size of one micro-batch, --val_set_size, --limit, --max_new_tokens,
+--eval_prompts...), --overwrite_output_dir on training commands (a page lists alternatives that share a stage's
+default --output_dir, which a stage refuses to train into twice), and a free port for a server.
 
-Cost (measured on the 2-core dev machine while other jobs kept its load average near 8): 129 s for this file,
-90 CPU-seconds; README.md's `python finetune.py` (28 s, the first in-process run, pays for importing torch,
-transformers and PEFT) and the DPO run on ../shared's 500 Chinese pairs (13 s) are the largest parts.
+Cost (2026-12-06, 2 cores of an idle Intel Xeon with AMX, bf16 autocast): 7 min 39 s for this file, 46 commands
+run. The largest parts: ORPO on ../shared's 500 Chinese pairs (48 s), README.md's `python finetune.py` (41 s, with
+the one-off conversion of SmolLM2 into the test cache), the grounded fine-tuning at --cutoff_len 1024 (38 s), the
+full fine-tuning of `pretrain.py --use_lora False` (33 s) and the GGUF export with its read-back (28 s).
 """
 
 import contextlib
@@ -46,7 +48,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SHARED_DATASETS, TINY, stage_function
+from tests.conftest import ROOT, SHARED_DATASETS, stage_function
 
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SCRIPTS = {path.stem for path in ROOT.glob("*.py")}
@@ -72,12 +74,8 @@ SKIP = [
     (r"^torchrun\b|^accelerate launch\b", "several processes or GPUs"),
     (r"(^|\s)--base_model (meta-llama|mistralai|Qwen)/", "a model on the Hugging Face hub: no network here"),
     (r"--harness lm_eval --tasks (medqa_4options|cmmlu_)", "lm-eval downloads these tasks' datasets from the hub"),
-    (r"^(\w+=(\"[^\"]*\"|\S+) )*python serve\.py\b", "serve.py runs an API server until it is stopped "
-                                                    "(tests/test_serve.py starts it and sends requests)"),
-    (r"^python generate\.py\b(?!.*--data_file)", "generate.py without --data_file serves the chat page until it is "
-                                                 "stopped (tests/test_web_ui.py drives it in a browser)"),
-    (r"(^|\s)(questions\.jsonl|questions\.txt|medqa_test\.jsonl|genmedgpt_5k\.json|\./sft-merged|\./lora-chatdoctor"
-     r"|\./Llama-3\.1-8B)(\s|$)", "names the reader's own file or model, which the repository does not ship"),
+    (r"(^|\s|\")(questions\.jsonl|questions\.txt|medqa_test\.jsonl|genmedgpt_5k\.json|\./sft-merged|\./lora-chatdoctor"
+     r"|\./Llama-3\.1-8B|\./my_leaflets/|triage=\./lora-triage\S*)(\s|\"|$)", "names the reader's own file or model, which the repository does not ship"),
 ]
 if SHARED_MISSING:  # a user's clone: the seed project's datasets live beside the repository on dev and CI machines
     SKIP.append((r"\.\./shared/", f"{SHARED_DATASETS} is absent (the README gives each dataset's hub name)"))
@@ -108,11 +106,8 @@ SMALL_STEPS = {
 }
 TRAINING = {"finetune", "pretrain", "dpo", "reward", "rl"}
 LAUNCHERS = {"run_sft", "run_pt", "run_dpo", "run_rm", "run_rl"}
-TINY_BASE = ["--base_model", TINY]
-# What a command on the tiny model needs besides: its toy SentencePiece tokenizer (trained on the bundled chat data)
-# spends several times SmolLM2's tokens on the retrieved passages, so that at the default --cutoff_len 512 no
-# grounded record keeps a reply token; 2048 is the tiny model's context.
-TINY_EXTRA = {"data/knowledge/grounded_qa.jsonl": ["--cutoff_len", "2048"]}
+# Servers: the script and the flag that gives it a port.
+SERVERS = {"serve": "--port", "generate": "--server_port"}
 # The command that trains ./lora-medlora, the adapter the documents' other commands load (they say to make it with
 # demo.sh, whose training step this is): it runs first, and documents that use ./lora-medlora get a copy of it.
 ADAPTER_COMMAND = ("README.md", "python finetune.py")
@@ -169,8 +164,6 @@ def rule_for(command: Command):
 def with_small_steps(name: str, argv: list) -> list:
     given = {word.split("=", 1)[0] for word in argv if word.startswith("--")}
     extra = []
-    if name in TRAINING and not given & {"--base_model", "--lora_weights"}:
-        extra += TINY_BASE + [word for path, flags in TINY_EXTRA.items() if path in argv for word in flags]
     steps = SMALL_STEPS.get(name, [])
     for index in range(0, len(steps), 2):
         if steps[index] not in given:
@@ -245,11 +238,58 @@ def working_folder(root: Path, name: str, adapter: Path | None = None, commands=
     return folder
 
 
+def is_server(words: list) -> bool:
+    name = words[1].removesuffix(".py") if len(words) > 1 and words[0] == "python" else ""
+    return name in SERVERS and not (name == "generate" and "--data_file" in words)
+
+
+def run_server(words: list, workdir: Path) -> tuple:
+    """(exit status, output) of a server command: started as a process on a free port, asked one thing, stopped with
+    SIGTERM (exit status 1 when it did not answer as it should; its output says why)."""
+    import httpx
+    import openai
+
+    from medlora.inference.generation import DISCLAIMER
+    from tests.test_serve import free_port
+
+    name, port = words[1].removesuffix(".py"), free_port()
+    argv = [*words[2:], SERVERS[name], str(port)] + (["--max_new_tokens", "8"] if name == "serve" else [])
+    process = subprocess.Popen([sys.executable, f"{name}.py", *argv], cwd=workdir, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+    url, problem = f"http://127.0.0.1:{port}", ""
+    try:
+        deadline = time.time() + 240
+        while process.poll() is None and time.time() < deadline:
+            try:
+                if httpx.get(url + ("/health" if name == "serve" else "/config"), timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        else:
+            problem = "did not start"
+        if not problem and name == "serve":
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=os.environ.get("MEDLORA_API_KEY", "unused"))
+            models = [model.id for model in client.models.list().data]
+            adapter = next((m for m in models if m == "lora-medlora"), models[0])  # the adapter, where one is served
+            answer = client.chat.completions.create(model=adapter, temperature=0, messages=[
+                {"role": "user", "content": "I have had a sore throat for two days. What should I do?"}])
+            if not answer.choices[0].message.content.strip() or answer.usage.completion_tokens > 8:
+                problem = f"answer from {adapter}: {answer}"
+        elif not problem and DISCLAIMER not in httpx.get(url + "/config", timeout=10).text:
+            problem = "the chat page does not show the not-medical-advice notice"
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=60)[0]
+    return (1 if problem or "Traceback" in output else 0), f"{problem}\n{output}"
+
+
 def run(command: Command, workdir: Path):
     """(exit status, output, seconds) of a command that can run here, or None when it cannot."""
     words = shlex.split(command.text)
     started = time.perf_counter()
-    if words[0] == "python" and len(words) > 1 and words[1].removesuffix(".py") in SCRIPTS:
+    if is_server(words):
+        status, output = run_server(words, workdir)
+    elif words[0] == "python" and len(words) > 1 and words[1].removesuffix(".py") in SCRIPTS:
         name = words[1].removesuffix(".py")
         status, output = run_in_process(name, with_small_steps(name, words[2:]), workdir)
     elif "bash" in words and any(re.fullmatch(r"scripts/run_\w+\.sh", word) for word in words):

@@ -1,7 +1,8 @@
 """Loading base models and tokenizers, and configuring LoRA, the same way in every stage."""
 
+import dataclasses
 import logging
-from dataclasses import dataclass
+import os
 from pathlib import Path
 
 import torch
@@ -87,7 +88,7 @@ def check_hub_reachable(repo_id: str, flag: str, filename: str = "config.json") 
 FAST_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Precision:
     weights: torch.dtype  # what the base model is loaded in
     autocast_bf16: bool  # bf16 autocast over fp32 weights (trainable parameters stay fp32)
@@ -109,7 +110,15 @@ def cpu_flags() -> set:
 def resolve_precision(precision: str = "auto") -> Precision:
     """auto: bf16 on GPUs that support it, fp16 on older GPUs; on CPU, bf16 autocast where the CPU has AMX or
     AVX512-BF16 (several times fp32's matmul speed), else fp32 (bf16 is emulated, far slower, elsewhere).
-    bf16-mixed asks for the autocast path anywhere; bf16/fp16 load the weights in that type."""
+    bf16-mixed asks for the autocast path anywhere; bf16/fp16 load the weights in that type.
+    MEDLORA_AUTO_PRECISION (e.g. fp32) replaces what auto picks, for every stage at once: the test suite runs
+    under each precision a CPU can pick."""
+    override = os.environ.get("MEDLORA_AUTO_PRECISION", "auto")
+    if precision == "auto" and override != "auto":
+        if override not in ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "bf16-mixed"):
+            raise MedLoRAError(f"MEDLORA_AUTO_PRECISION: unknown value {override!r}; use auto, fp32, bf16, bf16-mixed "
+                               "or fp16")
+        return dataclasses.replace(resolve_precision(override), reason="MEDLORA_AUTO_PRECISION")
     named = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
              "fp16": torch.float16, "float16": torch.float16}
     if precision == "bf16-mixed":
