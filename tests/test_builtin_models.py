@@ -91,10 +91,26 @@ def test_defaults_real_model_with_its_own_chat_template():
 def test_auto_precision_on_cpu_follows_the_cpu_flags(monkeypatch, flags, expected):
     monkeypatch.setattr(modeling, "cpu_flags", lambda: flags)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("MEDLORA_AUTO_PRECISION", raising=False)
     plan = resolve_precision("auto")
     assert (plan.weights, plan.autocast_bf16) == expected
     assert ("bf16 autocast" in plan.describe()) == expected[1]
     assert ("amx_bf16" in plan.reason) == ("amx_bf16" in flags)
+
+
+def test_medlora_auto_precision_replaces_what_auto_picks_and_nothing_else(monkeypatch):
+    monkeypatch.setattr(modeling, "cpu_flags", lambda: {"amx_bf16", "avx512_bf16"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("MEDLORA_AUTO_PRECISION", "fp32")
+    plan = resolve_precision("auto")
+    assert (plan.weights, plan.autocast_bf16, plan.reason) == (torch.float32, False, "MEDLORA_AUTO_PRECISION")
+    assert resolve_precision("bf16-mixed").autocast_bf16  # an explicit --precision wins
+    monkeypatch.setattr(modeling, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setenv("MEDLORA_AUTO_PRECISION", "bf16-mixed")
+    assert resolve_precision("auto").autocast_bf16
+    monkeypatch.setenv("MEDLORA_AUTO_PRECISION", "fp8")
+    with pytest.raises(MedLoRAError, match="MEDLORA_AUTO_PRECISION: unknown value 'fp8'"):
+        resolve_precision("auto")
 
 
 def test_unknown_precision_is_refused():
