@@ -24,14 +24,15 @@ How each command is treated, in this order:
 So the stages chain as a user chains them: README.md's `python finetune.py` trains a SmolLM2 adapter, and
 evaluate (loglik, generate, perplexity), chat, batch answers, serve, the three exports, and pretrain / dpo /
 reward / rl run on it or on SmolLM2 itself. What may be added to a command (never changed in it): small step
-counts (SMALL_STEPS: --max_steps, a --batch_size of one micro-batch, --val_set_size, --limit, --max_new_tokens,
---eval_prompts...), --overwrite_output_dir on training commands (a page lists alternatives that share a stage's
+counts and few tokens (SMALL_STEPS: --max_steps, a --batch_size of one micro-batch, --val_set_size, --cutoff_len,
+--block_size, --limit, --max_new_tokens, --eval_prompts...), --overwrite_output_dir on training commands (a page lists alternatives that share a stage's
 default --output_dir, which a stage refuses to train into twice), and a free port for a server.
 
-Cost (2026-12-06, 2 cores of an idle Intel Xeon with AMX, bf16 autocast): 7 min 39 s for this file, 46 commands
-run. The largest parts: ORPO on ../shared's 500 Chinese pairs (48 s), README.md's `python finetune.py` (41 s, with
-the one-off conversion of SmolLM2 into the test cache), the grounded fine-tuning at --cutoff_len 1024 (38 s), the
-full fine-tuning of `pretrain.py --use_lora False` (33 s) and the GGUF export with its read-back (28 s).
+Cost (2026-12-06, 2 idle cores of an Intel Xeon with AMX, fp32 through MEDLORA_AUTO_PRECISION=fp32): 4 min 31 s
+for this file, 34 commands run. The largest parts: README.md's `python finetune.py` (30 s, with the one-off
+conversion of SmolLM2 into the test cache), the grounded fine-tuning at its --cutoff_len 1024 (27 s), the GGUF export
+with its read-back (21 s), the full fine-tuning of `pretrain.py --use_lora False` (16 s) and the README's perplexity
+of 40 GenMedGPT answers (16 s).
 """
 
 import contextlib
@@ -75,7 +76,8 @@ SKIP = [
     (r"(^|\s)--base_model (meta-llama|mistralai|Qwen)/", "a model on the Hugging Face hub: no network here"),
     (r"--harness lm_eval --tasks (medqa_4options|cmmlu_)", "lm-eval downloads these tasks' datasets from the hub"),
     (r"(^|\s|\")(questions\.jsonl|questions\.txt|medqa_test\.jsonl|genmedgpt_5k\.json|\./sft-merged|\./lora-chatdoctor"
-     r"|\./Llama-3\.1-8B|\./my_leaflets/|triage=\./lora-triage\S*)(\s|\"|$)", "names the reader's own file or model, which the repository does not ship"),
+     r"|\./Llama-3\.1-8B|\./my_leaflets/|triage=\./lora-triage\S*)(\s|\"|$)",
+     "names the reader's own file, folder, model or adapters, which the repository does not ship"),
 ]
 if SHARED_MISSING:  # a user's clone: the seed project's datasets live beside the repository on dev and CI machines
     SKIP.append((r"\.\./shared/", f"{SHARED_DATASETS} is absent (the README gives each dataset's hub name)"))
@@ -90,20 +92,21 @@ COVERED = [
 ]
 # Small step counts appended to a command that runs (only flags it does not give itself).
 SMALL_STEPS = {
-    "finetune": ["--max_steps", "2", "--batch_size", "4", "--val_set_size", "4", "--save_steps", "1000"],
-    "run_sft": ["--max_steps", "2", "--batch_size", "4", "--val_set_size", "4", "--save_steps", "1000"],
-    "pretrain": ["--max_steps", "2", "--batch_size", "4", "--save_steps", "1000"],
-    "run_pt": ["--max_steps", "2", "--batch_size", "4", "--save_steps", "1000"],
-    "dpo": ["--max_steps", "1", "--val_set_size", "4", "--batch_size", "4", "--save_steps", "1000"],
-    "run_dpo": ["--max_steps", "1", "--val_set_size", "4", "--batch_size", "4", "--save_steps", "1000"],
-    "reward": ["--max_steps", "1", "--val_set_size", "4", "--batch_size", "4", "--save_steps", "1000"],
-    "run_rm": ["--max_steps", "1", "--val_set_size", "4", "--batch_size", "4", "--save_steps", "1000"],
+    "finetune": ["--max_steps", "1", "--batch_size", "4", "--val_set_size", "2", "--cutoff_len", "128",
+                 "--save_steps", "1000"],
+    "pretrain": ["--max_steps", "1", "--batch_size", "2", "--micro_batch_size", "2", "--block_size", "128", "--save_steps", "1000"],
+    "dpo": ["--max_steps", "1", "--val_set_size", "2", "--batch_size", "2", "--micro_batch_size", "2", "--cutoff_len", "128",
+            "--save_steps", "1000"],
+    "reward": ["--max_steps", "1", "--val_set_size", "2", "--batch_size", "2", "--micro_batch_size", "2", "--cutoff_len", "128",
+               "--save_steps", "1000"],
     "rl": ["--max_steps", "1", "--eval_prompts", "2", "--max_completion_length", "8", "--save_steps", "1000"],
-    "run_rl": ["--max_steps", "1", "--eval_prompts", "2", "--max_completion_length", "8", "--save_steps", "1000"],
     "evaluate": ["--limit", "4", "--max_new_tokens", "8"],
     "chat": ["--max_new_tokens", "8"],
     "generate": ["--max_new_tokens", "8"],
 }
+for script, launcher in (("finetune", "run_sft"), ("pretrain", "run_pt"), ("dpo", "run_dpo"), ("reward", "run_rm"),
+                         ("rl", "run_rl")):
+    SMALL_STEPS[launcher] = SMALL_STEPS[script]
 TRAINING = {"finetune", "pretrain", "dpo", "reward", "rl"}
 LAUNCHERS = {"run_sft", "run_pt", "run_dpo", "run_rm", "run_rl"}
 # Servers: the script and the flag that gives it a port.

@@ -107,3 +107,22 @@ def test_evaluate_reports_base_and_tuned_perplexity_in_and_out_of_domain(demo, t
     out_of_domain = json.loads(report_file.read_text())["results"]
     base, tuned = (out_of_domain[name]["perplexity"]["perplexity"] for name in ("base", "adapter"))
     assert tuned <= base * (1 + MAX_OUT_OF_DOMAIN_PERPLEXITY_RISE), (base, tuned)
+
+
+@pytest.mark.slow
+def test_readme_multiple_choice_command_scores_every_question_on_the_demo_adapter(demo, tmp_path):
+    """The README's `evaluate.py ... --data_path data/eval/medqa_style_sample.jsonl --compare` on the demo's adapter:
+    the command that crashed on every SmolLM2 adapter (issue 28). Every option of every question gets a finite,
+    negative log-likelihood, and tuning changed them."""
+    output_dir, _ = demo
+    report_file = tmp_path / "medqa.json"
+    result = run_script("evaluate.py", "--lora_weights", output_dir, "--data_path",
+                        "data/eval/medqa_style_sample.jsonl", "--compare", "--output_file", report_file, env=ALL_CORES)
+    assert "medqa_style_sample.jsonl (medqa, 26 questions, loglik, 0-shot)" in result.stdout
+    results = json.loads(report_file.read_text())["results"]
+    rows = {name: results[name]["tasks"]["data/eval/medqa_style_sample.jsonl"]["questions"] for name in ("base", "adapter")}
+    assert len(rows["base"]) == len(rows["adapter"]) == 26
+    for base_row, tuned_row in zip(rows["base"], rows["adapter"]):
+        for value in base_row["option_loglik"] + tuned_row["option_loglik"]:
+            assert math.isfinite(value) and value < 0
+        assert base_row["option_loglik"] != tuned_row["option_loglik"]
