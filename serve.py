@@ -12,8 +12,11 @@ Any OpenAI client then talks to it:
     client.chat.completions.create(model="builtin:smollm2-135m-instruct", messages=[...], stream=True)
 
 The request's `model` picks an adapter by its name, or the base model by its own name (GET /v1/models
-lists them). The server binds 127.0.0.1 unless told otherwise; for more than a few users, serve the
-merged export with vLLM (docs/serving.md). Answers are not medical advice.
+lists them). The server binds 127.0.0.1 unless told otherwise, refuses a body over --max_request_bytes (413)
+and fields it does not implement (tools, logprobs, ...: 400), writes one access-log line a request (no message
+text unless --log_prompts), serves Prometheus metrics on GET /metrics, and on SIGTERM or Ctrl-C lets the answers
+in flight finish (new requests get 503) before it exits 0. For more than a few users, serve the merged export
+with vLLM (docs/serving.md). Answers are not medical advice.
 """
 
 import os
@@ -31,7 +34,8 @@ API_KEY_VARIABLE = "MEDLORA_API_KEY"
     MODEL,
     DEVICE,
     GENERATION.without("num_beams", "system"),
-    FlagGroup("server", host="127.0.0.1", port=8000, api_key="", max_concurrency=1, max_queue=8, log_level="info"),
+    FlagGroup("server", host="127.0.0.1", port=8000, api_key="", max_concurrency=1, max_queue=8,
+              max_request_bytes=1 << 20, shutdown_timeout=30.0, log_prompts=False, log_level="info"),
     KNOWLEDGE,
 )
 def main(flags):
@@ -51,6 +55,9 @@ def main(flags):
         api_key: Require 'Authorization: Bearer KEY' on /v1 (default: the MEDLORA_API_KEY environment variable; empty: no key).
         max_concurrency: Answers generated at once (all on the same adapter; 1 keeps a request's seed reproducible).
         max_queue: Requests that may wait beyond those; more are refused at once with 429 and Retry-After.
+        max_request_bytes: Larger request bodies are refused with 413 before they are read whole.
+        shutdown_timeout: On SIGTERM or Ctrl-C, seconds the answers in flight may take to finish (new requests get 503 meanwhile); then the rest are ended and the server exits 0. A second signal stops at once.
+        log_prompts: Write each request's messages into the access log (medical conversations are sensitive: off by default).
         log_level: uvicorn's log level: critical, error, warning, info, debug.
         knowledge_path: Ground answers in a knowledge base (.csv/.jsonl/.json/.txt/.md or a folder; docs/retrieval.md): each question's best passages go into the prompt, and the response lists them as `sources`.
         knowledge_top_k: Passages per question from --knowledge_path.
@@ -58,6 +65,10 @@ def main(flags):
     defaults = GenerationSettings.from_flags(flags)
     if int(flags.max_concurrency) < 1 or int(flags.max_queue) < 0:
         raise MedLoRAError("--max_concurrency must be >= 1 and --max_queue >= 0")
+    if not isinstance(flags.max_request_bytes, int) or flags.max_request_bytes < 1:
+        raise MedLoRAError(f"--max_request_bytes {flags.max_request_bytes!r}: must be a whole number of bytes >= 1")
+    if not isinstance(flags.shutdown_timeout, (int, float)) or flags.shutdown_timeout < 0:
+        raise MedLoRAError(f"--shutdown_timeout {flags.shutdown_timeout!r}: must be a number of seconds >= 0")
     from medlora.inference.retrieval import load_knowledge
     from medlora.inference.serving import ServedModels, create_app, parse_adapters
 
@@ -74,11 +85,18 @@ def main(flags):
         print(f"model {served.name!r}: {served.chat.describe()}", flush=True)
     if knowledge:
         print(f"knowledge: {knowledge.describe()}", flush=True)
-    app = create_app(models, defaults, api_key, int(flags.max_concurrency), int(flags.max_queue), knowledge)
+    app = create_app(models, defaults, api_key, int(flags.max_concurrency), int(flags.max_queue), knowledge,
+                     flags.max_request_bytes, flags.log_prompts)
     import uvicorn
 
+    from medlora.inference.operations import draining_server
+
     print(f"OpenAI-compatible API on http://{flags.host}:{flags.port}/v1 (Ctrl-C stops it)", flush=True)
-    uvicorn.run(app, host=flags.host, port=int(flags.port), log_level=flags.log_level)
+    # uvicorn's access log is off: RequestLimits writes one line a request, with its model and token counts
+    config = uvicorn.Config(app, host=flags.host, port=int(flags.port), log_level=flags.log_level, access_log=False,
+                            timeout_graceful_shutdown=5)
+    draining_server(config, app.state, float(flags.shutdown_timeout)).run()
+    print("server stopped", flush=True)
 
 
 if __name__ == "__main__":

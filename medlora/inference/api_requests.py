@@ -1,6 +1,8 @@
 """Validating OpenAI chat-completion requests for serve.py, and OpenAI's error shape.
 
-Fields MedLoRA does not use (tools, logprobs, user, ...) are ignored, as OpenAI-compatible servers do;
+Harmless fields MedLoRA does not use (user, metadata, frequency_penalty, ...) are ignored, as OpenAI-compatible
+servers do; fields that would change what the answer must be and that MedLoRA does not implement (tools, functions,
+a JSON response_format, logprobs, n > 1) are refused, so a client never silently gets less than it asked for;
 fields it uses are checked strictly (a string where a number belongs is refused, not converted), and a
 bad one becomes an `APIError` naming it: `{"error": {"message", "type", "param", "code"}}` with status 400.
 """
@@ -71,10 +73,29 @@ class ChatRequest:
     include_usage: bool
 
 
+# field -> (values that ask for nothing, what is not supported): a request giving any other value is refused.
+UNSUPPORTED = {
+    "tools": ((None, []), "this server does not call tools"),
+    "tool_choice": ((None, "none"), "this server does not call tools"),
+    "functions": ((None, []), "this server does not call functions"),
+    "function_call": ((None, "none"), "this server does not call functions"),
+    "response_format": ((None, {"type": "text"}), "this server answers in plain text only ({\"type\": \"text\"})"),
+    "logprobs": ((None, False), "this server does not return log-probabilities"),
+    "top_logprobs": ((None, 0), "this server does not return log-probabilities"),
+}
+
+
+def refuse_unsupported(body: dict) -> None:
+    for name, (harmless, reason) in UNSUPPORTED.items():
+        if name in body and not any(body[name] == value and type(body[name]) is type(value) for value in harmless):
+            raise APIError(400, f"{name}: {reason}", param=name, code="unsupported_parameter")
+
+
 def parse_chat_request(body) -> ChatRequest:
     """The request, or an APIError (400) naming the first bad field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    refuse_unsupported(body)
     try:
         parsed = ChatCompletionBody.model_validate(body)
     except ValidationError as error:

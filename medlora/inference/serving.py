@@ -7,8 +7,11 @@ from the generation core (ChatModel) as JSON or server-sent events.
                   adapter is the model's state); max_queue more wait in arrival order; beyond that a request
                   is refused at once (429 with Retry-After) rather than left hanging
   create_app      the FastAPI app: GET /health, GET /v1/models, POST /v1/chat/completions
+  (medlora/inference/operations.py: request limits, the access log, Prometheus metrics, graceful shutdown)
 
-A client that disconnects (a closed stream, an abandoned request) cancels its generation at the next token.
+A client that disconnects (a closed stream, an abandoned request) cancels its generation at the next token. Work
+that grows with a request (tokenizing the prompt, searching the knowledge base) runs off the event loop, so
+/health and other clients stay responsive while one long request is read, refused or served.
 """
 
 import asyncio
@@ -32,10 +35,17 @@ from medlora.inference.generation import (
     GenerationSettings,
     exported_template,
 )
+from medlora.inference.operations import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    RETRY_AFTER_SECONDS,
+    RequestLimits,
+    ServerState,
+    log_to_stdout,
+    longest_token_chars,
+)
 from medlora.inference.retrieval import search_text
 
 logger = logging.getLogger(__name__)
-RETRY_AFTER_SECONDS = 1
 
 
 # ---- models --------------------------------------------------------------------------------------------------
@@ -201,26 +211,27 @@ class GenerationGate:
             waiter.granted.set_result(None)
 
 
-@dataclass
-class ServerStats:
-    completed: int = 0
-    cancelled: int = 0  # stopped because the client went away
-    refused: int = 0  # 429
-    generated_tokens: int = 0
-
-
 # ---- the app -------------------------------------------------------------------------------------------------
 def create_app(models: ServedModels, defaults: GenerationSettings, api_key: str = "", max_concurrency: int = 1,
-               max_queue: int = 8, knowledge=None):
-    """The FastAPI app. knowledge (a retrieval.KnowledgeBase): every question is searched in it, the passages go
-    into the prompt, and the answer carries them as `sources` (a field OpenAI clients ignore)."""
+               max_queue: int = 8, knowledge=None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               log_prompts: bool = False):
+    """The FastAPI app, wrapped in RequestLimits. knowledge (a retrieval.KnowledgeBase): every question is searched
+    in it, the passages go into the prompt, and the answer carries them as `sources` (a field OpenAI clients
+    ignore). log_prompts: the access log carries each request's messages (medical conversations are sensitive:
+    off by default)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
+
+    import anyio
 
     app = FastAPI(title="MedLoRA OpenAI-compatible API", description=DISCLAIMER)
     gate = GenerationGate(models.select, max_concurrency, max_queue)
-    stats = app.state.stats = ServerStats()
+    state = app.state.server = ServerState(gate)
+    token_chars = {}  # per tokenizer (the served models share the base's)
+    char_limit = {name: served.chat.max_context * token_chars.setdefault(
+        id(served.chat.tokenizer), longest_token_chars(served.chat.tokenizer)) for name, served in models.by_name.items()}
+    tokenizing = threading.Lock()  # one prompt at a time: a fast tokenizer is not safe to share across threads
 
     @app.exception_handler(APIError)
     async def api_error(request, error: APIError):
@@ -244,7 +255,7 @@ def create_app(models: ServedModels, defaults: GenerationSettings, api_key: str 
     @app.get("/health")
     async def health():
         return {"status": "ok", "models": list(models.by_name), "running": gate.running, "queued": gate.queued,
-                "max_concurrency": max_concurrency, "max_queue": max_queue, **vars(stats)}
+                "max_concurrency": max_concurrency, "max_queue": max_queue, **state.counters()}
 
     @app.get("/v1/models")
     async def list_models(request: Request):
@@ -260,24 +271,39 @@ def create_app(models: ServedModels, defaults: GenerationSettings, api_key: str 
             raise APIError(400, "the request body is not valid JSON") from None
         chat_request = parse_chat_request(body)
         served = models.get(chat_request.model)
+        access = request.scope["state"].setdefault("access", {})
+        access["model"] = served.name
+        if log_prompts:
+            access["messages"] = chat_request.messages
         settings = replace(defaults, num_beams=1, max_new_tokens=chat_request.max_tokens or defaults.max_new_tokens,
                            **{name: value for name in ("temperature", "top_p")
                               if (value := getattr(chat_request, name)) is not None})
-        passages = knowledge.search(search_text(chat_request.messages[-1])) if knowledge else None
+        question = chat_request.messages[-1]["content"]
+        if len(question) > char_limit[served.name]:  # judged by characters: too long whatever its tokens
+            raise APIError(400, f"the message is too long: {len(question):,} characters cannot fit the model's "
+                                f"context of {served.chat.max_context} tokens", param="messages",
+                           code="context_length_exceeded")
+
+        def build_prompt():
+            with tokenizing:
+                passages = knowledge.search(search_text(chat_request.messages[-1])) if knowledge else None
+                return served.chat.prompt_for(chat_request.messages, chat_request.system, settings.max_new_tokens,
+                                              passages=passages)
+
         try:
-            prompt = served.chat.prompt_for(chat_request.messages, chat_request.system, settings.max_new_tokens,
-                                            passages=passages)
+            prompt = await anyio.to_thread.run_sync(build_prompt)
         except MedLoRAError as error:
             too_long = "too long" in str(error)
             raise APIError(400, str(error), param="messages",
                            code="context_length_exceeded" if too_long else "invalid_value") from None
         ticket = gate.admit(served.name)
         if ticket is None:
-            stats.refused += 1
+            state.refused += 1
             raise APIError(429, f"the server is busy ({gate.running} running, {gate.queued} queued); retry later",
                            "rate_limit_error", code="server_busy", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-        job = Generation(served, prompt.input_ids, settings, chat_request, gate, ticket, stats,
-                         [passage.to_dict() for passage in prompt.sources] if knowledge else None)
+        access["prompt_tokens"] = len(prompt.input_ids)
+        job = Generation(served, prompt.input_ids, settings, chat_request, gate, ticket, state,
+                         [passage.to_dict() for passage in prompt.sources] if knowledge else None, access)
         if chat_request.stream:
             return job.streaming_response()
         try:
@@ -285,16 +311,23 @@ def create_app(models: ServedModels, defaults: GenerationSettings, api_key: str 
         finally:
             gate.close(ticket)
 
-    return app
+    @app.get("/metrics")
+    async def metrics():  # like /health, no key: counts and timings, never a message
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)
+
+    log_to_stdout()
+    return RequestLimits(app, state, max_request_bytes)
 
 
 class Generation:
     """One request's answer: generated in a thread by ChatModel.stream_prompt, handed to the event loop."""
 
-    def __init__(self, served, input_ids, settings, chat_request, gate, ticket, stats, sources=None):
+    def __init__(self, served, input_ids, settings, chat_request, gate, ticket, state, sources=None, access=None):
         self.served, self.input_ids, self.settings, self.request = served, input_ids, settings, chat_request
         self.sources = sources  # the knowledge passages in the prompt (--knowledge_path), else None
-        self.gate, self.ticket, self.stats = gate, ticket, stats
+        self.access = {} if access is None else access  # the request's access-log fields
+        self.gate, self.ticket, self.state = gate, ticket, state
         self.cancel, self.report = threading.Event(), GenerationReport()
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -317,10 +350,14 @@ class Generation:
         import anyio
 
         await self.gate.acquire(self.ticket)
+        self.state.generations.add(self.cancel)  # ended by the shutdown timeout, if it comes first
+        if self.state.ending:
+            self.cancel.set()
         loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
         thread = threading.Thread(target=self._generate, args=(lambda item: loop.call_soon_threadsafe(
             pieces.put_nowait, item),), name="medlora-serve", daemon=True)
         thread.start()
+        first = True
         try:
             while True:
                 kind, value = await pieces.get()
@@ -328,16 +365,24 @@ class Generation:
                     break
                 if kind == "error":
                     raise value
+                if first:
+                    first = False
+                    started = self.access.get("started")
+                    if started is not None:
+                        self.state.metrics.first_token.labels(self.served.name).observe(time.perf_counter() - started)
                 yield value
         finally:
             self.cancel.set()  # a no-op after a finished answer; stops a generation whose client went away
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(thread.join)
-            self.stats.generated_tokens += self.report.completion_tokens
+            self.state.generations.discard(self.cancel)
+            self.state.generated_tokens += self.report.completion_tokens
+            self.state.metrics.tokens.labels(self.served.name).inc(self.report.completion_tokens)
+            self.access.update(completion_tokens=self.report.completion_tokens, finish_reason=self.report.finish_reason)
             if self.report.finish_reason == "cancelled":
-                self.stats.cancelled += 1
+                self.state.cancelled += 1
             else:
-                self.stats.completed += 1
+                self.state.completed += 1
             self.gate.close(self.ticket)
 
     def usage(self) -> dict:
