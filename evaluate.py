@@ -182,9 +182,12 @@ def score(flags, inputs: EvaluationInputs, loaded, runs: dict) -> tuple:
                 results[name].perplexity = evaluator.perplexity(inputs.held_out, inputs.cutoff_len, add_eos_token,
                                                                 desc=f"{name}: perplexity")
     metrics = ("acc", "acc_norm", "acc_bytes") if flags.method == "loglik" else ("acc", "unparsed")
-    sections = [Section(qfile.path, f"{Path(qfile.path).name} ({qfile.format}, {len(questions)} questions, "
-                                    f"{flags.method}, {flags.num_fewshot}-shot)", metrics)
-                for qfile, questions, _ in inputs.question_sets]
+    triage = ("under_triage", "over_triage")
+    sections = [Section(qfile.path, f"{Path(qfile.path).name} ({qfile.format}{', triage' if is_triage else ''}, "
+                                    f"{len(questions)} questions, {flags.method}, {flags.num_fewshot}-shot)",
+                        metrics + (triage if is_triage else ()))
+                for qfile, questions, _ in inputs.question_sets
+                for is_triage in [bool(questions) and all(q.urgency is not None for q in questions)]]
     return results, sections
 
 
@@ -216,7 +219,21 @@ def report(flags, inputs: EvaluationInputs, results: dict, sections: list) -> No
             written["comparison"] = comparisons(results, sections)
         write_json_atomically(flags.output_file, written)
         print(f"report: {flags.output_file}")
+        if flags.compare and sections:
+            print(f"chart: {comparison_chart(flags.output_file, results, sections)}")
     print("Benchmark scores say nothing about clinical safety; model outputs are not medical advice.")
+
+
+def comparison_chart(output_file, results: dict, sections: list) -> Path:
+    """Base against adapter, each metric with its error bar, beside the JSON report (report.json -> report.png)."""
+    from medlora.plots import plot_comparison
+
+    base, adapter = results["base"].tasks, results["adapter"].tasks
+    metrics = [(s.key, m) for s in sections for m in s.metrics if f"{m}_stderr" in base[s.key]]
+    label = {s.key: Path(s.key).name for s in sections}
+    return plot_comparison({label[k]: base[k] for k in label}, {label[k]: adapter[k] for k in label},
+                           [(label[key], metric) for key, metric in metrics], Path(output_file).with_suffix(".png"),
+                           "evaluate.py --compare: base vs adapter")
 
 
 def validation_records(settings: dict, lora_weights: str) -> tuple:

@@ -336,6 +336,9 @@ def test_compare_end_to_end(tiny_adapter, tmp_path):
     assert tasks["base"]["questions"][0]["option_loglik"] != tasks["adapter"]["questions"][0]["option_loglik"]
     compared = report["comparison"]["data/eval/medqa_style_sample.jsonl"]
     assert list(compared) == ["acc", "acc_norm", "acc_bytes"]
+    chart = report_path.with_suffix(".png")  # base vs adapter with error bars, beside the report
+    assert f"chart: {chart}" in result.stdout
+    assert_png(chart, min_width=600)
     for metric, entry in compared.items():
         combined = math.hypot(tasks["base"][f"{metric}_stderr"], tasks["adapter"][f"{metric}_stderr"])
         assert entry["difference"] == pytest.approx(tasks["adapter"][metric] - tasks["base"][metric])
@@ -364,3 +367,13 @@ def test_generate_fewshot_and_perplexity_end_to_end(tiny_adapter, tmp_path):
     assert perplexity["perplexity"] == pytest.approx(math.exp(perplexity["mean_nll"])) and perplexity["tokens"] > 0
     assert report["settings"]["cutoff_len"] == 128  # the adapter's own
     assert "perplexity" in result.stdout and "unparsed" in result.stdout
+
+
+def assert_png(path, min_width=400):
+    """A real PNG picture that matplotlib reads back, of at least min_width pixels, not one flat colour."""
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    pixels = matplotlib.image.imread(path)
+    assert pixels.shape[1] >= min_width and pixels.std() > 0.01, (path, pixels.shape)
+

@@ -52,6 +52,9 @@ def test_demo_shows_the_validation_perplexity_fall_and_both_answers(demo):
     assert after < before * (1 - MIN_VALIDATION_PERPLEXITY_DROP), (before, after)
     shown = re.search(r"perplexity ([\d.]+) -> ([\d.]+)", stdout)
     assert shown and abs(float(shown.group(1)) - before) < 0.01 and abs(float(shown.group(2)) - after) < 0.01
+    triage = stdout[stdout.index("triage_safety_en.jsonl (medqa, triage, 60 questions, loglik, 0-shot)"):]
+    for metric in ("acc", "under_triage", "over_triage"):  # base and tuned side by side, each with its error
+        assert re.search(rf"^  {metric}\s+[\d.]+ ± [\d.]+\s+[\d.]+ ± [\d.]+\s+[+-][\d.]+", triage, re.M), metric
     base_at = stdout.index("--- base model (adapter disabled) ---")
     tuned_at = stdout.index("--- tuned model ---")
     base_answer, tuned_answer = stdout[base_at:tuned_at].split("\n", 1)[1], stdout[tuned_at:].split("\n", 1)[1]

@@ -593,6 +593,10 @@ def test_offline_pipeline_script_chains_every_stage(tmp_path, tiny_model_path):
     assert stages["rl"]["reward_model"] == str(work / "rm") and stages["rm"]["stage"] == "reward"
     assert all(settings["base_model"] == TINY for settings in stages.values())
     assert result.stdout.count("done in") == 5 and "pipeline done" in result.stdout
+    from tests.test_evaluate import assert_png
+
+    for name in stages:  # every training stage draws its loss curves into its run folder (issue 30)
+        assert_png(work / name / "loss_curves.png", min_width=600)
 
 
 # ---- every flag documented (tests/test_readme_commands.py checks every script's --help) ------------------------

@@ -4,6 +4,8 @@ Question files are JSON arrays or JSON Lines; the format is detected per file fr
   medqa     {"question", "options": {"A": text, ...} or [text, ...], "answer_idx" or "answer"}
             the answer is a letter ("C") or a 0-based index; "answer" may also be the correct option's
             text (MedQA's own files carry both). MMLU-style "choices" is read like "options".
+            A triage set adds "urgency": {"A": level, ...}, each option's urgency level (URGENCY_LEVELS),
+            and evaluate.py then reports under- and over-triage beside the accuracy.
   medmcqa   {"question", "opa", "opb", "opc", "opd", "cop"}; cop is 1-based (1 = opa), as in MedMCQA's files
   pubmedqa  {"question", "context": text or {"contexts": [text, ...]}, "final_decision": "yes"|"no"|"maybe"}
             scored as the options A. yes / B. no / C. maybe
@@ -28,6 +30,9 @@ from medlora.data.templates import Conversation
 from medlora.errors import MedLoRAError
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# A triage option's urgency, most urgent first: the emergency department now, a doctor within days, care at home,
+# nothing at all.
+URGENCY_LEVELS = ("emergency", "soon", "self_care", "none")
 PUBMEDQA_OPTIONS = ["yes", "no", "maybe"]
 QUESTION_SUFFIXES = (".json", ".jsonl")
 ANSWER_INSTRUCTION = "Answer with the letter of the correct option."
@@ -41,6 +46,7 @@ class Question:
     context: str = ""
     source: str = ""  # "file: record N"
     id: str | None = None  # the record's own "id" (MedMCQA) or "pubid" (PubMedQA), for joining reports
+    urgency: list | None = None  # a triage set's urgency level of each option (URGENCY_LEVELS), else None
 
     @property
     def letters(self) -> str:
@@ -99,6 +105,11 @@ def load_question_file(path, skip_bad_records: bool = False) -> QuestionFile:
         record_id = record.get("id", record.get("pubid"))
         question.id = None if record_id is None else str(record_id)
         questions.append(question)
+    triage = [q for q in questions if q.urgency is not None]
+    if triage and len(triage) < len(questions):  # a triage file's metrics need every question's levels
+        problems += [f"{q.source}: field 'urgency': missing (the file's other records carry it)"
+                     for q in questions if q.urgency is None]
+        questions = triage
     refuse_bad_records(path, problems, skip_bad_records, kept=len(questions), rest="scores the rest")
     loaded = QuestionFile(str(path), fmt, questions, problems)
     for line in loaded.skipped_lines():  # the data summary's account of what was dropped
@@ -145,7 +156,25 @@ def _medqa(record: dict, where: str) -> Question:
     answer_key = "answer_idx" if "answer_idx" in record else "answer"
     if answer_key not in record:
         raise MedLoRAError(f"{where}: field 'answer_idx': missing (give the correct option as 'answer_idx' or 'answer')")
-    return Question(question, options, _answer(record[answer_key], options, where, answer_key), source=where)
+    answer = _answer(record[answer_key], options, where, answer_key)
+    urgency = _urgency(record["urgency"], len(options), answer, where) if "urgency" in record else None
+    return Question(question, options, answer, source=where, urgency=urgency)
+
+
+def _urgency(value, count: int, answer: int, where: str) -> list:
+    """A triage record's urgency of each option, in letter order."""
+    letters = LETTERS[:count]
+    if not isinstance(value, dict) or sorted(value) != list(letters):
+        raise MedLoRAError(f"{where}: field 'urgency': expected an object with the option letters {', '.join(letters)} "
+                           f"as keys, each option's level ({', '.join(URGENCY_LEVELS)})")
+    for letter in letters:
+        if value[letter] not in URGENCY_LEVELS:
+            raise MedLoRAError(f"{where}: field 'urgency.{letter}': {value[letter]!r} is not a level; expected one of "
+                               f"{', '.join(URGENCY_LEVELS)}")
+    if value[letters[answer]] == "none":
+        raise MedLoRAError(f"{where}: field 'urgency': the answer {letters[answer]} is 'none'; a triage scenario's "
+                           "right advice is emergency, soon or self_care")
+    return [value[letter] for letter in letters]
 
 
 def _refuse_repeated_options(options: list, where: str, field_name: str) -> None:

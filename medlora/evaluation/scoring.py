@@ -7,6 +7,10 @@ log-probabilities of its own text's tokens after the prompt (not the template's 
 the highest sum is right; acc_norm, the highest sum per character of the reply; acc_bytes, per UTF-8 byte.
 Each comes with its standard error (medlora/evaluation/report.py).
 generate (medAlpaca style): a greedy reply, from which `extract_choice` reads the chosen option.
+Triage sets (questions with each option's urgency level) add under_triage, the share of emergencies answered with
+a less urgent option (the dangerous error), and over_triage, the share of the other scenarios sent to the
+emergency department, each with its standard error; the choice judged is acc's (loglik) or the one read from the
+reply (generate, where an emergency answered with no readable choice counts as under-triaged).
 Perplexity of an SFT file: exp(mean NLL over the reply tokens, encoded exactly as for training).
 """
 
@@ -156,7 +160,9 @@ class Evaluator:
                              option_bytes=byte_counts))
         return {**mean_with_stderr("acc", [r["correct"] for r in rows]),
                 **mean_with_stderr("acc_norm", [r["correct_norm"] for r in rows]),
-                **mean_with_stderr("acc_bytes", [r["correct_bytes"] for r in rows]), "n": len(rows), "questions": rows}
+                **mean_with_stderr("acc_bytes", [r["correct_bytes"] for r in rows]),
+                **triage_metrics(questions, [q.letters.index(r["pred"]) for q, r in zip(questions, rows)]),
+                "n": len(rows), "questions": rows}
 
     def generate(self, questions: list, shots: list, desc: str) -> dict:
         prompts = [self.encoder.encode_prompt(conversation(q, s)) for q, s in zip(questions, shots)]
@@ -167,6 +173,8 @@ class Evaluator:
             rows.append(dict(_describe(question), response=response,
                              pred=None if choice is None else question.letters[choice], correct=choice == question.answer))
         return {**mean_with_stderr("acc", [r["correct"] for r in rows]), "unparsed": sum(r["pred"] is None for r in rows),
+                **triage_metrics(questions, [None if r["pred"] is None else q.letters.index(r["pred"])
+                                             for q, r in zip(questions, rows)]),
                 "n": len(rows), "questions": rows}
 
     def generate_replies(self, prompts: list, desc: str) -> list:
@@ -206,6 +214,18 @@ class Evaluator:
         nll = -sum(total for total, _ in scores) / max(tokens, 1)
         return {"perplexity": math.exp(nll), "mean_nll": nll, "tokens": tokens, "records": len(report.examples),
                 "dropped": sum(report.dropped.values()), "truncated": report.truncated}
+
+
+def triage_metrics(questions: list, chosen: list) -> dict:
+    """under_triage and over_triage with their standard errors, for questions that carry urgency levels ({} for
+    others). chosen: the option index each question was answered with, None when no choice could be read."""
+    if not questions or any(q.urgency is None for q in questions):
+        return {}
+    emergencies = [(q, c) for q, c in zip(questions, chosen) if q.urgency[q.answer] == "emergency"]
+    others = [(q, c) for q, c in zip(questions, chosen) if q.urgency[q.answer] != "emergency"]
+    return {**mean_with_stderr("under_triage", [c is None or q.urgency[c] != "emergency" for q, c in emergencies]),
+            **mean_with_stderr("over_triage", [c is not None and q.urgency[c] == "emergency" for q, c in others]),
+            "emergencies": len(emergencies), "non_emergencies": len(others)}
 
 
 def _describe(question: Question) -> dict:

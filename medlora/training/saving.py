@@ -1,5 +1,6 @@
 """Saving what a stage trained: an adapter (or a whole model after full fine-tuning), its tokenizer,
-medlora_run.json and the training log, written to a staging folder first and moved into place."""
+medlora_run.json, the training log and its loss curves (loss_curves.png), written to a staging folder first and
+moved into place."""
 
 import json
 import shutil
@@ -18,7 +19,11 @@ def save_trained_model(model, tokenizer, output_dir, settings: dict, log_history
     tokenizer.save_pretrained(staging)
     RunFolder(staging).write_settings(settings)
     if log_history is not None:
+        from medlora.plots import LOSS_CURVES, plot_loss_curves
+
         (staging / "training_log.json").write_text(json.dumps(log_history, indent=1) + "\n")
+        plot_loss_curves(log_history, staging / LOSS_CURVES, f"{settings.get('stage', 'training')}: "
+                                                             f"{Path(output_dir).name} on {settings.get('base_model')}")
     check_weights_not_empty(staging)
     output_dir.mkdir(parents=True, exist_ok=True)
     for item in staging.iterdir():
