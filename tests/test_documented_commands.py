@@ -25,7 +25,8 @@ So the stages chain as a user chains them: README.md's `python finetune.py` trai
 evaluate (loglik, generate, perplexity), chat, batch answers, serve, the three exports, and pretrain / dpo /
 reward / rl run on it or on SmolLM2 itself. What may be added to a command (never changed in it): small step
 counts and few tokens (SMALL_STEPS: --max_steps, a --batch_size of one micro-batch, --val_set_size, --cutoff_len,
---block_size, --limit, --max_new_tokens, --eval_prompts...), --overwrite_output_dir on training commands (a page lists alternatives that share a stage's
+--block_size, --limit, --max_new_tokens, --eval_prompts...; a command's own larger --max_steps is lowered to
+SMALL_STEPS's, the one change made in a command), --overwrite_output_dir on training commands (a page lists alternatives that share a stage's
 default --output_dir, which a stage refuses to train into twice), and a free port for a server.
 
 Cost (2026-12-06, 2 idle cores of an Intel Xeon with AMX, fp32 through MEDLORA_AUTO_PRECISION=fp32): 4 min 31 s
@@ -166,6 +167,11 @@ def rule_for(command: Command):
 
 def with_small_steps(name: str, argv: list) -> list:
     given = {word.split("=", 1)[0] for word in argv if word.startswith("--")}
+    argv = list(argv)
+    small = dict(zip(SMALL_STEPS.get(name, [])[::2], SMALL_STEPS.get(name, [])[1::2]))
+    if "--max_steps" in argv and "--max_steps" in small:  # a measured recipe's own step count: lowered, not removed
+        at = argv.index("--max_steps") + 1
+        argv[at] = str(min(int(argv[at]), int(small["--max_steps"])))
     extra = []
     steps = SMALL_STEPS.get(name, [])
     for index in range(0, len(steps), 2):
