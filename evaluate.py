@@ -182,12 +182,12 @@ def score(flags, inputs: EvaluationInputs, loaded, runs: dict) -> tuple:
                 results[name].perplexity = evaluator.perplexity(inputs.held_out, inputs.cutoff_len, add_eos_token,
                                                                 desc=f"{name}: perplexity")
     metrics = ("acc", "acc_norm", "acc_bytes") if flags.method == "loglik" else ("acc", "unparsed")
-    triage = ("under_triage", "over_triage")
-    sections = [Section(qfile.path, f"{Path(qfile.path).name} ({qfile.format}{', triage' if is_triage else ''}, "
-                                    f"{len(questions)} questions, {flags.method}, {flags.num_fewshot}-shot)",
-                        metrics + (triage if is_triage else ()))
-                for qfile, questions, _ in inputs.question_sets
-                for is_triage in [bool(questions) and all(q.urgency is not None for q in questions)]]
+    sections = []
+    for qfile, questions, _ in inputs.question_sets:
+        triage = "under_triage" in next(iter(results.values())).tasks[qfile.path]  # scoring found urgency levels
+        sections.append(Section(qfile.path, f"{Path(qfile.path).name} ({qfile.format}{', triage' if triage else ''}, "
+                                            f"{len(questions)} questions, {flags.method}, {flags.num_fewshot}-shot)",
+                                metrics + (("under_triage", "over_triage") if triage else ())))
     return results, sections
 
 

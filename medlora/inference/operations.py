@@ -12,7 +12,6 @@ access-log line a request, Prometheus metrics, and a graceful shutdown.
 
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -58,7 +57,7 @@ class ServerMetrics:
 @dataclass
 class ServerState:
     gate: object
-    metrics: ServerMetrics | None = None
+    metrics: ServerMetrics = field(init=False)
     completed: int = 0
     cancelled: int = 0  # stopped because the client went away (or the shutdown timeout passed)
     refused: int = 0  # 429
@@ -67,7 +66,6 @@ class ServerState:
     draining_since: float | None = None  # time.monotonic() of the shutdown signal
     ending: bool = False  # the shutdown timeout passed: answers end at once
     generations: set = field(default_factory=set)  # cancel events of the answers being generated
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
         self.metrics = ServerMetrics(self.gate)
@@ -82,14 +80,6 @@ class ServerState:
         self.ending = True
         for cancel in list(self.generations):
             cancel.set()
-
-
-def json_error(error: APIError, close: bool = False) -> tuple:
-    """(headers, body) of an error answered by the middleware itself."""
-    body = json.dumps(error.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               *[(name.lower().encode(), str(value).encode()) for name, value in error.headers.items()]]
-    return headers + ([(b"connection", b"close")] if close else []), body
 
 
 class RequestLimits:
@@ -160,7 +150,11 @@ class RequestLimits:
                                           code="request_too_large"))
 
     async def _refuse(self, send, error: APIError):
-        headers, body = json_error(error, close=True)
+        """The error answered by the middleware itself; the connection closes after it (the body may be unread)."""
+        body = json.dumps(error.body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close"), *[(name.lower().encode(), str(value).encode())
+                                                for name, value in error.headers.items()]]
         await send({"type": "http.response.start", "status": error.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
