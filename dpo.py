@@ -23,7 +23,7 @@ import logging
 
 from medlora import cli
 from medlora.errors import MedLoRAError
-from medlora.flag_groups import CHECKPOINTS, DATA, LORA, MODEL, TRAINING
+from medlora.flag_groups import CHECKPOINTS, DATA, HYGIENE, LORA, MODEL, TRAINING
 from medlora.flags import Flag, FlagGroup, stage_flags
 from medlora.paths import DATA_DIR
 
@@ -36,6 +36,7 @@ logger = logging.getLogger("dpo")
 @stage_flags(
     MODEL,
     DATA.but(data_path=DEFAULT_DATA, output_dir="./dpo-medlora"),
+    HYGIENE,
     FlagGroup("preference loss", loss="dpo", beta=Flag(None, float | None), simpo_gamma=1.0),
     TRAINING.but(batch_size=16, micro_batch_size=2, learning_rate=5e-5, warmup_steps=10),
     LORA,

@@ -238,7 +238,8 @@ def comparison_chart(output_file, results: dict, sections: list) -> Path:
 
 def validation_records(settings: dict, lora_weights: str) -> tuple:
     """(records, description): the adapter's held-out validation records, split again from its training data
-    exactly as finetune.py split them (same file, --val_set_size and --seed)."""
+    exactly as finetune.py split them (same file, hygiene flags, --val_set_size and --seed)."""
+    from medlora.data.hygiene import as_trained
     from medlora.data.records import load_conversations
     from medlora.data.splits import split_validation
 
@@ -248,7 +249,7 @@ def validation_records(settings: dict, lora_weights: str) -> tuple:
     conversations = load_conversations(settings["data_path"], settings.get("field_map") or "",
                                        settings.get("skip_bad_records", False),
                                        settings.get("split_dialogues", False)).conversations
-    _, held_out = split_validation(conversations, settings["val_set_size"], settings.get("seed", 42))
+    _, held_out = split_validation(as_trained(conversations, settings), settings["val_set_size"], settings.get("seed", 42))
     return held_out, f"validation records of {Path(lora_weights).name} ({settings['data_path']})"
 
 

@@ -21,7 +21,7 @@ from medlora.data.records import usage_lines
 from medlora.data.templates import PromptTemplate
 from medlora.data.tokenization import DROPPED_BY_TRUNCATION
 from medlora.errors import MedLoRAError
-from medlora.flag_groups import CHECKPOINTS, DATA, LORA, MODEL, TRAINING
+from medlora.flag_groups import CHECKPOINTS, DATA, HYGIENE, LORA, MODEL, TRAINING
 from medlora.flags import Flag, FlagGroup, stage_flags
 from medlora.paths import DATA_DIR
 
@@ -34,6 +34,7 @@ logger = logging.getLogger("finetune")
     MODEL,
     DATA.but(data_path=DEFAULT_DATA, output_dir="./lora-medlora"),
     FlagGroup("sft data", split_dialogues=False),
+    HYGIENE,
     TRAINING.but(num_epochs=3),
     LORA,
     FlagGroup("lora variants", lora_modules_to_save=Flag(None, str | list | None), use_lora=True, use_dora=False,
@@ -82,11 +83,11 @@ def train(flags):
     from medlora.training.stage import TrainingStage
 
     stage = TrainingStage("sft", flags)
-    template, loaded, train_report, val_report, model_path = distributed.run_once_and_share(
+    template, loaded, hygiene, train_report, val_report, model_path = distributed.run_once_and_share(
         lambda: prepare_data(flags, stage))
     model, tokenizer, packing, attention, targets = build_model(flags, stage, model_path)
     if stage.is_main:
-        print_data_summary(loaded, train_report, val_report, flags.cutoff_len, model, template)
+        print_data_summary(loaded, hygiene, train_report, val_report, flags.cutoff_len, model, template)
     trainer = build_trainer(flags, stage, model, tokenizer, train_report, val_report, packing)
     if stage.is_main:
         processes = "1 process" if stage.world_size == 1 else f"{stage.world_size} processes (data parallel)"
@@ -112,13 +113,16 @@ def train(flags):
 
 
 def prepare_data(flags, stage) -> tuple:
-    """Every record read, validated, split and tokenized (on rank 0), before any model is loaded."""
+    """Every record read, validated, checked for duplicates, evaluation questions and personal identifiers,
+    split and tokenized (on rank 0), before any model is loaded."""
+    from medlora.data.hygiene import clean_conversations
     from medlora.data.records import load_conversations
     from medlora.data.splits import split_validation
     from medlora.data.tokenization import ConversationEncoder
 
     template = PromptTemplate.load(stage.template_name)
     loaded = load_conversations(flags.data_path, flags.field_map, flags.skip_bad_records, flags.split_dialogues)
+    loaded.conversations, hygiene = clean_conversations(loaded.conversations, flags)
     train_conversations, val_conversations = split_validation(loaded.conversations, flags.val_set_size, flags.seed,
                                                               "records")
     model_path, tokenizer = stage.data_tokenizer()
@@ -129,7 +133,7 @@ def prepare_data(flags, stage) -> tuple:
         raise MedLoRAError(f"{flags.data_path}: no training record has a trained token left after truncation at "
                            f"--cutoff_len {flags.cutoff_len} (the records are {longest.get(50)} tokens at the median, "
                            f"{longest.get(100)} at most: raise --cutoff_len)")
-    return template, loaded, train_report, val_report, model_path
+    return template, loaded, hygiene, train_report, val_report, model_path
 
 
 def build_model(flags, stage, model_path) -> tuple:
@@ -212,12 +216,12 @@ def validation_change(log_history) -> str:
             f"(step {last['step']}); perplexity {math.exp(first['eval_loss']):.2f} -> {math.exp(last['eval_loss']):.2f}")
 
 
-def print_data_summary(loaded, train_report, val_report, cutoff_len, model, template):
+def print_data_summary(loaded, hygiene, train_report, val_report, cutoff_len, model, template):
     from medlora.models.loading import count_parameters
 
     trainable, total = count_parameters(model)
-    dropped = loaded.skipped + train_report.dropped + val_report.dropped
-    read = len(loaded.conversations) + sum(loaded.skipped.values())
+    dropped = loaded.skipped + hygiene.dropped + train_report.dropped + val_report.dropped
+    read = hygiene.checked + sum(loaded.skipped.values())
     pct = train_report.percentiles()
     cut_dropped = train_report.dropped[DROPPED_BY_TRUNCATION] + val_report.dropped[DROPPED_BY_TRUNCATION]
     lines = [
@@ -225,6 +229,7 @@ def print_data_summary(loaded, train_report, val_report, cutoff_len, model, temp
         *usage_lines("records", read, len(train_report.examples), len(val_report.examples), dropped,
                      loaded.skipped_records),
         *filter(None, [loaded.describe_packed_dialogues()]),
+        *hygiene.lines(),
         f"template: {template.name}",
         "tokens per training record, before truncation: " + ", ".join(f"p{p} {v}" for p, v in pct.items()).replace(
             "p100", "max"),

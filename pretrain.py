@@ -20,7 +20,7 @@ import math
 
 from medlora import cli
 from medlora.errors import MedLoRAError
-from medlora.flag_groups import CHECKPOINTS, DATA, LORA, MODEL, TRAINING
+from medlora.flag_groups import CHECKPOINTS, DATA, HYGIENE, LORA, MODEL, TRAINING
 from medlora.flags import FlagGroup, stage_flags
 from medlora.paths import DATA_DIR
 
@@ -32,6 +32,7 @@ logger = logging.getLogger("pretrain")
     MODEL.without("lora_weights", "prompt_template_name"),
     DATA.but(data_path=DEFAULT_DATA, output_dir="./pt-medlora").without("field_map"),
     FlagGroup("text", text_field="text", block_size=512, use_lora=True),
+    HYGIENE,
     TRAINING.but(learning_rate=2e-4, warmup_steps=10).without("cutoff_len"),
     LORA,
     CHECKPOINTS,
@@ -60,11 +61,11 @@ def pretrain(flags):
     from medlora.training.stage import TrainingStage
 
     stage = TrainingStage("pretrain", flags)
-    data_description, model_path, train_blocks, val_blocks = distributed.run_once_and_share(
+    data_description, hygiene, model_path, train_blocks, val_blocks = distributed.run_once_and_share(
         lambda: prepare_data(flags, stage))
     model, tokenizer, targets = build_model(flags, stage, model_path)
     if stage.is_main:
-        print_data_summary(flags, data_description, train_blocks, val_blocks, model)
+        print_data_summary(flags, data_description, hygiene, train_blocks, val_blocks, model)
     trainer = build_trainer(flags, stage, model, tokenizer, train_blocks, val_blocks)
     perplexity_before = perplexity(trainer) if val_blocks.blocks else None
     result = trainer.train(resume_from_checkpoint=stage.resume_from_checkpoint)
@@ -83,7 +84,9 @@ def pretrain(flags):
 
 
 def prepare_data(flags, stage) -> tuple:
-    """Every document read, split, tokenized and cut into blocks (on rank 0), before the model loads."""
+    """Every document read, checked (duplicates, evaluation questions, personal identifiers), split, tokenized
+    and cut into blocks (on rank 0), before the model loads."""
+    from medlora.data.hygiene import clean_documents
     from medlora.data.pretraining import (
         group_into_blocks,
         load_documents,
@@ -92,7 +95,8 @@ def prepare_data(flags, stage) -> tuple:
     from medlora.data.splits import split_validation
 
     loaded = load_documents(flags.data_path, flags.text_field, flags.skip_bad_records)
-    train_documents, val_documents = split_validation(list(loaded.documents), flags.val_set_size, flags.seed,
+    documents, hygiene = clean_documents(loaded.documents, loaded.sources, flags)
+    train_documents, val_documents = split_validation(documents, flags.val_set_size, flags.seed,
                                                       "documents")
     model_path, tokenizer = stage.data_tokenizer()
     train_blocks = group_into_blocks(tokenize_documents(tokenizer, train_documents), flags.block_size)
@@ -107,7 +111,7 @@ def prepare_data(flags, stage) -> tuple:
         logger.info("validation: the %d held-out documents hold %d tokens, less than --block_size %d: evaluated as "
                     "one block of %d tokens", len(val_documents), val_blocks.tokens, flags.block_size,
                     val_blocks.tokens)
-    return loaded.describe(), model_path, train_blocks, val_blocks
+    return loaded.describe(), hygiene, model_path, train_blocks, val_blocks
 
 
 def build_model(flags, stage, model_path) -> tuple:
@@ -147,14 +151,16 @@ def build_trainer(flags, stage, model, tokenizer, train_blocks, val_blocks):
                                 data_collator=PaddedCollator(tokenizer.pad_token_id))  # equal-length blocks: no padding
 
 
-def print_data_summary(flags, data_description, train_blocks, val_blocks, model):
+def print_data_summary(flags, data_description, hygiene, train_blocks, val_blocks, model):
+    from medlora.data.records import usage_lines
     from medlora.models.loading import count_parameters
 
     trainable, total = count_parameters(model)
     print("\n".join([
         f"data: {data_description}",
-        f"documents: {train_blocks.documents + val_blocks.documents} read ({train_blocks.documents} train, "
-        f"{val_blocks.documents} validation), {train_blocks.tokens + val_blocks.tokens} tokens with EOS",
+        *usage_lines("documents", hygiene.checked, train_blocks.documents, val_blocks.documents, hygiene.dropped, []),
+        *hygiene.lines(),
+        f"tokens with EOS: {train_blocks.tokens + val_blocks.tokens}",
         f"blocks of {flags.block_size} tokens: {len(train_blocks.blocks)} train, {len(val_blocks.blocks)} validation; "
         f"{train_blocks.dropped_tokens + val_blocks.dropped_tokens} tail tokens dropped",
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",

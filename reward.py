@@ -20,7 +20,7 @@ import logging
 
 from medlora import cli
 from medlora.errors import MedLoRAError
-from medlora.flag_groups import CHECKPOINTS, DATA, LORA, MODEL, TRAINING
+from medlora.flag_groups import CHECKPOINTS, DATA, HYGIENE, LORA, MODEL, TRAINING
 from medlora.flags import stage_flags
 from medlora.paths import DATA_DIR
 
@@ -32,6 +32,7 @@ logger = logging.getLogger("reward")
 @stage_flags(
     MODEL.without("lora_weights"),
     DATA.but(data_path=DEFAULT_DATA, output_dir="./rm-medlora"),
+    HYGIENE,
     TRAINING.but(batch_size=16, learning_rate=1e-4, warmup_steps=10),
     LORA,
     CHECKPOINTS.but(eval_steps=100, save_steps=100),

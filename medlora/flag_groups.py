@@ -41,6 +41,19 @@ DATA = FlagGroup(
                                        "of stopping with a list of them."),
 )
 
+HYGIENE = FlagGroup(
+    "data hygiene (docs/data_hygiene.md); everything is counted in the data summary, the flags change the data",
+    dedup=Flag(False, bool, "Drop exact duplicates (after case and whitespace folding) and near duplicates (Jaccard "
+                            ">= 0.8 of word 5-shingles, MinHash) of an earlier record; the first copy stays."),
+    contamination_check=Flag("data/eval", str, "Evaluation question files (a file, a folder or a comma-separated "
+                                                "list, as evaluate.py reads them) that training records must not "
+                                                "share a 13-word sequence with; 'none' to skip. Relative paths: "
+                                                "from the current folder, else from the MedLoRA folder."),
+    decontaminate=Flag(False, bool, "Drop the training records that share text with an evaluation question."),
+    scrub_pii=Flag(False, bool, "Replace e-mail addresses, phone numbers, URLs, IP addresses and ID-like numbers "
+                                "in every field with typed placeholders ([EMAIL], [PHONE], ...)."),
+)
+
 TRAINING = FlagGroup(
     "training hyperparameters",
     batch_size=Flag(32, int, "Examples per optimizer step, all processes together."),

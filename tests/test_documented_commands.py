@@ -69,6 +69,8 @@ SKIP = [
                                                               "and it rewrites docs/BENCHMARKS.md"),
     (r"^python scripts/memory_breakdown\.py$", "SmolLM2-135M forward passes of one micro-batch under four "
                                               "settings: minutes on 2 cores, for docs/BENCHMARKS.md"),
+    (r"^python scripts/benchmark_hygiene\.py$", "the 100,000-record hygiene bench: half a minute, for "
+                                                "docs/BENCHMARKS.md; tests/test_hygiene.py runs it at 3,000 records"),
     (r"(^|\s)\.\.\.(\s|$)", "an elided command (`...`): a pattern to fill in, not a command"),
     (r"^(vllm|cd gguf|ollama)\b|\bollama (create|run)\b", "needs vLLM or Ollama, which are other programs"),
     (r"^(git clone|pip install)\b", "needs the network (GitHub, PyPI)"),

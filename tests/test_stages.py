@@ -70,7 +70,7 @@ def test_pretraining_lowers_the_loss_and_the_validation_perplexity(pt_adapter):
     assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.02
     settings = settings_of(output_dir)
     assert settings["validation_perplexity_after"] < settings["validation_perplexity_before"]
-    assert "documents: 61 read (55 train, 6 validation)" in stdout and "validation perplexity" in stdout
+    assert "documents: 61 read, 61 used (55 train, 6 validation), 0 dropped" in stdout and "validation perplexity" in stdout
 
 
 @pytest.mark.slow

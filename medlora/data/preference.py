@@ -48,6 +48,7 @@ class LoadedPreferences:
     formats: dict = field(default_factory=dict)  # source -> (format, record count)
     skipped: Counter = field(default_factory=Counter)  # --skip_bad_records: reason -> records dropped
     skipped_records: list = field(default_factory=list)  # --skip_bad_records: "file: record N: field: reason"
+    hygiene: object = None  # HygieneReport (medlora/data/hygiene.py), once checked
 
     def describe(self) -> str:
         return "; ".join(f"{source}: {fmt}, {count} pairs" for source, (fmt, count) in self.formats.items())
@@ -173,14 +174,16 @@ def common_prefix_length(a: list, b: list) -> int:
 
 def prepare_pairs(flags, template_name: str, data_tokenizer) -> tuple:
     """What dpo.py and reward.py train on, before any model loads: (template, LoadedPreferences, training
-    EncodedPairs, validation EncodedPairs, resolved base model path). flags: the stage's data flags
-    (data_path, field_map, skip_bad_records, val_set_size, seed, cutoff_len); data_tokenizer() gives
+    EncodedPairs, validation EncodedPairs, resolved base model path). flags: the stage's data and hygiene flags
+    (data_path, field_map, skip_bad_records, val_set_size, seed, cutoff_len, dedup, ...); data_tokenizer() gives
     (base model path, tokenizer), called once the records are known to be good."""
+    from medlora.data.hygiene import clean_pairs
     from medlora.data.splits import split_validation
     from medlora.data.templates import PromptTemplate
 
     template = PromptTemplate.load(template_name)
     loaded = load_preference_pairs(flags.data_path, flags.field_map, flags.skip_bad_records)
+    loaded.pairs, loaded.hygiene = clean_pairs(loaded.pairs, flags)
     training_pairs, held_out_pairs = split_validation(loaded.pairs, flags.val_set_size, flags.seed, "pairs")
     model_path, tokenizer = data_tokenizer()
     train_pairs = encode_pairs(tokenizer, template, training_pairs, flags.cutoff_len)
@@ -194,13 +197,14 @@ def prepare_pairs(flags, template_name: str, data_tokenizer) -> tuple:
 def pair_summary_lines(loaded: LoadedPreferences, train_pairs: EncodedPairs, val_pairs: EncodedPairs, cutoff_len: int,
                        template, stage_note: str = "") -> list:
     """The data summary of a preference stage: pairs read, used and dropped (by reason), lengths, truncation."""
-    dropped = loaded.skipped + train_pairs.dropped + val_pairs.dropped
+    dropped = loaded.skipped + loaded.hygiene.dropped + train_pairs.dropped + val_pairs.dropped
     lengths = sorted(len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
                      for ex in train_pairs.examples)
     return [
         f"data: {loaded.describe()}",
-        *usage_lines("pairs", len(loaded.pairs) + sum(loaded.skipped.values()), len(train_pairs.examples),
+        *usage_lines("pairs", loaded.hygiene.checked + sum(loaded.skipped.values()), len(train_pairs.examples),
                      len(val_pairs.examples), dropped, loaded.skipped_records),
+        *loaded.hygiene.lines(),
         f"template: {template.name}{stage_note}",
         f"tokens per training pair: median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
         f"truncated at cutoff_len={cutoff_len}: {train_pairs.truncated + val_pairs.truncated} pairs",
