@@ -249,7 +249,8 @@ def validation_records(settings: dict, lora_weights: str) -> tuple:
     conversations = load_conversations(settings["data_path"], settings.get("field_map") or "",
                                        settings.get("skip_bad_records", False),
                                        settings.get("split_dialogues", False)).conversations
-    _, held_out = split_validation(as_trained(conversations, settings), settings["val_set_size"], settings.get("seed", 42))
+    _, held_out = split_validation(as_trained(conversations, settings), settings["val_set_size"],
+                                   settings.get("seed", 42))
     return held_out, f"validation records of {Path(lora_weights).name} ({settings['data_path']})"
 
 
