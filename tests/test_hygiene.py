@@ -257,3 +257,23 @@ def test_the_benchmark_finds_what_it_plants_and_the_same_in_every_process():
         outputs.append((row.rsplit("|", 3)[-2], result.stdout.split("planted / found: ")[1]))
     assert outputs[0] == outputs[1]
     assert "evaluation questions 3 / 3" in outputs[0][1] and "phone numbers 30 / 30" in outputs[0][1]
+
+
+def test_data_without_a_candidate_identifier_never_imports_presidio(tmp_path):
+    """The GPU check carries no Presidio or spaCy (scripts/gpu_wheels.txt): the bundled data must not need them,
+    while one phone number must load them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from types import SimpleNamespace as N; from medlora.data.hygiene import clean_conversations;"
+            "from medlora.data.records import load_conversations;"
+            "flags = N(dedup=False, decontaminate=False, scrub_pii=False, contamination_check='data/eval');"
+            "c = load_conversations(sys.argv[1]).conversations; r = clean_conversations(c, flags)[1];"
+            "print(sum(r.identifiers.values()), 'presidio_analyzer' in sys.modules)")
+    with_phone = json.loads((ROOT / "data" / "sft" / "medical_chat_en.json").read_text())[:3]
+    with_phone[0]["input"] = "Call me on +1 617 555 0199."
+    (tmp_path / "phone.json").write_text(json.dumps(with_phone))
+    for data, expected in ((ROOT / "data" / "sft", "0 False"), (tmp_path / "phone.json", "1 True")):
+        result = subprocess.run([sys.executable, "-c", code, str(data)], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300)
+        assert result.stdout.strip().splitlines()[-1] == expected, result.stderr[-2000:]

@@ -41,7 +41,7 @@ SEVEN_DIGITS = r"\d(?:[ \t]?[-./()+]?[ \t]?\d){6}"
 PREFILTERS = {
     "EMAIL_ADDRESS": re.compile("@"),
     "URL": re.compile(r"(?i:https?://|www\d{0,3}\.)"),
-    "IP_ADDRESS": re.compile(r"\d\.\d|[0-9A-Fa-f]:[0-9A-Fa-f]{0,4}:"),
+    "IP_ADDRESS": re.compile(r"\d\.\d{1,3}\.\d{1,3}\.\d|[0-9A-Fa-f]:[0-9A-Fa-f]{0,4}:"),  # a dotted quad, or IPv6's colons
     "PHONE_NUMBER": re.compile(SEVEN_DIGITS),
     "CREDIT_CARD": re.compile(SEVEN_DIGITS),
     "US_SSN": re.compile(SEVEN_DIGITS),
@@ -94,8 +94,17 @@ def _recognizers() -> dict:
 
 
 class PiiScanner:
+    """Presidio (and the spaCy it imports, seconds and 60 MB of wheels) is loaded only once some text passes the
+    cheap conditions: data without a digit run, an '@' or a web address never imports it."""
+
     def __init__(self):
-        self.recognizers = _recognizers()
+        self._recognizers = None
+
+    @property
+    def recognizers(self) -> dict:
+        if self._recognizers is None:
+            self._recognizers = _recognizers()
+        return self._recognizers
 
     def find(self, text: str) -> list:
         """Findings in text order, overlaps resolved: the longer span wins (an e-mail over the domain in it),
