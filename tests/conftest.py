@@ -66,6 +66,43 @@ def run_script(*args, check=True, timeout=600, **kwargs) -> subprocess.Completed
     return result
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve_script(*flags, env=None):
+    """(process, base URL of its API) of `python serve.py` started on a free port and answering /health."""
+    import time
+
+    import httpx
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), "--log_level", "warning", *map(str, flags)],
+                               cwd=ROOT, env=dict(os.environ, **(env or {})), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while True:
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        assert time.time() < deadline, "serve.py did not start"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process, f"http://127.0.0.1:{port}/v1"
+        except httpx.TransportError:
+            time.sleep(0.5)
+
+
+def stop(process):
+    """Stop a server started by serve_script (SIGTERM) and return its output, which must hold no traceback."""
+    process.terminate()
+    output = process.communicate(timeout=60)[0]
+    assert "Traceback" not in output, output[-3000:]
+    return output
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
     from medlora.models.tiny_model import ensure_tiny_model

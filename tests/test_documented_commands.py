@@ -63,14 +63,16 @@ SKIP = [
                                 "its steps are the documented commands run here"),
     (r"^bash scripts/test\.sh", "test.sh installs the test requirements and runs this suite"),
     (r"--device cuda", "needs a CUDA GPU"),
+    (r"^bash scripts/gpu_check\.sh$", "needs a CUDA GPU (tests/test_gpu.py's tests, timed and reported)"),
+    (r"^bash scripts/gpu_wheels\.sh$", "downloads about 155 MB of wheels from PyPI for the lent GPU machine"),
     (r"^scripts/benchmark\.py$|^python scripts/benchmark\.py$", "the full CPU bench: about 4 minutes, and it "
                                                                  "rewrites docs/BENCHMARKS.md"),
     (r"^python scripts/benchmark\.py --shapes smollm2-135m\b", "the SmolLM2-135M bench: minutes per configuration, "
                                                               "and it rewrites docs/BENCHMARKS.md"),
-    (r"^python scripts/memory_breakdown\.py$", "SmolLM2-135M forward passes of one micro-batch under four "
-                                              "settings: minutes on 2 cores, for docs/BENCHMARKS.md"),
     (r"^python scripts/benchmark_hygiene\.py$", "the 100,000-record hygiene bench: half a minute, for "
                                                 "docs/BENCHMARKS.md; tests/test_hygiene.py runs it at 3,000 records"),
+    (r"^python scripts/memory_breakdown\.py$", "SmolLM2-135M forward passes of one micro-batch under four "
+                                              "settings: minutes on 2 cores, for docs/BENCHMARKS.md"),
     (r"(^|\s)\.\.\.(\s|$)", "an elided command (`...`): a pattern to fill in, not a command"),
     (r"^(vllm|cd gguf|ollama)\b|\bollama (create|run)\b", "needs vLLM or Ollama, which are other programs"),
     (r"^(git clone|pip install)\b", "needs the network (GitHub, PyPI)"),
@@ -90,6 +92,9 @@ COVERED = [
      "tests/test_stages.py::test_offline_pipeline_script_chains_every_stage"),
     (r"^python scripts/benchmark\.py --quick --shapes cpu --configs medlora,alpaca_lora --no_write$",
      "tests/test_benchmark.py::quick_run"),
+    (r"^bash scripts/gpu_check\.sh --dry_run$", "tests/test_gpu_check.py::test_dry_run_lists_every_step_and_passes"),
+    (r"^bash scripts/gpu_check\.sh --record FILES_AT/gpu_check\.md$",
+     "tests/test_gpu_check.py::test_record_puts_each_section_into_its_place"),
     (r"--harness lm_eval --tasks medmcqa_style_sample --include_path data/eval/lm_eval_tasks$",
      "tests/test_lm_eval_parity.py::test_harness_compare_end_to_end"),
 ]
@@ -261,7 +266,7 @@ def run_server(words: list, workdir: Path) -> tuple:
     import openai
 
     from medlora.inference.generation import DISCLAIMER
-    from tests.test_serve import free_port
+    from tests.conftest import free_port
 
     name, port = words[1].removesuffix(".py"), free_port()
     argv = [*words[2:], SERVERS[name], str(port)] + (["--max_new_tokens", "8"] if name == "serve" else [])

@@ -40,15 +40,17 @@ def load_script(name):
 
 @torch.no_grad()
 def logits_of(model, tokenizer, text=PROMPT):
-    return model(input_ids=tokenizer(text, return_tensors="pt").input_ids).logits[0].float()
+    """The model's float32 logits on the prompt, on the CPU (the model may be on a GPU)."""
+    input_ids = tokenizer(text, return_tensors="pt").input_ids.to(model.device)
+    return model(input_ids=input_ids).logits[0].float().cpu()
 
 
-def base_plus_adapter(base_path, adapter_dir, tokenizer):
+def base_plus_adapter(base_path, adapter_dir, tokenizer, device="cpu"):
     """Reference: the base loaded afresh in float32 with the adapter applied by PEFT, unmerged."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).to(device),
                                       str(adapter_dir)).eval()
     with model.disable_adapter():
         base = logits_of(model, tokenizer)

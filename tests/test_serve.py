@@ -3,10 +3,6 @@
 Most tests share one in-process server (uvicorn in a thread) of the tiny model with two adapters; the
 answers are greedy, so they can be compared exactly with chat.py --prompt and the generation core."""
 
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from medlora.inference.generation import DISCLAIMER, ChatModel, GenerationSettings
 from medlora.inference.serving import ServedModels, create_app
-from tests.conftest import ROOT, TINY, run_script
+from tests.conftest import TINY, free_port, run_script, serve_script, stop
 
 # Every test here starts a real server on a real model (the queue logic at the end is quick but shares the module).
 pytestmark = pytest.mark.slow
@@ -29,12 +25,6 @@ MAX_TOKENS = 12
 SERVER_DEFAULTS = GenerationSettings(temperature=0.7, repetition_penalty=3.0, max_new_tokens=MAX_TOKENS)
 GREEDY = GenerationSettings(temperature=0, repetition_penalty=3.0, max_new_tokens=MAX_TOKENS)
 QUESTION = "I have had a dry cough for a week."
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class InProcessServer:
@@ -275,29 +265,6 @@ def test_load_of_50_requests_is_answered_or_refused_at_once(served, references):
         assert (health["running"], health["queued"]) == (0, 0)
         assert health["refused"] == outcomes.count("refused") and health["completed"] == len(answers)
         assert ask(server.client(max_retries=0), "medic")[0] == references["medic"]
-
-
-def serve_script(*flags, env=None):
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), "--log_level", "warning", *map(str, flags)],
-                               cwd=ROOT, env=dict(os.environ, **(env or {})), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    while True:
-        assert process.poll() is None, process.communicate()[0][-3000:]
-        assert time.time() < deadline, "serve.py did not start"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return process, f"http://127.0.0.1:{port}/v1"
-        except httpx.TransportError:
-            time.sleep(0.5)
-
-
-def stop(process):
-    process.terminate()
-    output = process.communicate(timeout=60)[0]
-    assert "Traceback" not in output, output[-3000:]
-    return output
 
 
 def test_serve_py_script_with_key_from_the_environment(tiny_adapter, references):

@@ -17,8 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_serve import free_port
+from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
 
