@@ -3,6 +3,7 @@ prints a table whose numbers are sane and comparable (no timing assertions: the 
 
 import importlib.util
 import math
+import re
 
 import pytest
 import torch
@@ -70,8 +71,12 @@ def test_quick_bench_prints_ratios_and_the_targets(quick_run):
     assert "Same batches in every configuration (trained tokens of each step agree): yes." in output
     assert "| MedLoRA vs | trained tok/s ratio |" in output and "| alpaca_lora | " in output
     targets = [line for line in output.splitlines() if line.startswith(("- PASS:", "- FAIL:"))]
-    assert len(targets) == 3, output  # 2x alpaca-lora, peak memory, loss within 1% (no TRL run: no TRL target)
+    assert len(targets) == 3, output  # fp32: the step against the products replay, peak memory, loss within 1%
     assert any("final loss within 1% of alpaca-lora's" in line and line.startswith("- PASS") for line in targets)
+    # The step holds the products and more, so it must take longer than the products replayed alone.
+    replay = next(line for line in targets if "frozen products alone" in line)
+    step_seconds, replay_seconds = map(float, re.search(r"\(([\d.]+) s against ([\d.]+) s", replay).groups())
+    assert step_seconds > replay_seconds > 0
     assert "Measured " in output and "load average" in output and "torch " in output
     assert doc_untouched  # --no_write
 
