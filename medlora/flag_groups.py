@@ -17,7 +17,7 @@ MODEL = FlagGroup(
     prompt_template_name=Flag("", str, "A template in templates/ or a template .json; default: the adapter's "
                                        "(medlora_run.json), else the base model's own (chat for SmolLM2), else alpaca. "
                                        "Alias: --prompt_template."),
-    precision=Flag("auto", str, "auto (GPU: bf16, else fp16; CPU: bf16 autocast where it has AMX/AVX512-BF16, else "
+    precision=Flag("auto", str, "auto (GPU: bf16, else fp16; CPU: bf16 autocast where it has AMX, else "
                                 "fp32), fp32, bf16, bf16-mixed (bf16 autocast, fp32 weights) or fp16."),
     load_in_4bit=Flag(False, bool, "QLoRA: load the base in 4-bit NF4 with double quantization (bitsandbytes). "
                                    "Alias: --load_4bit."),

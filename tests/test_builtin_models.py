@@ -84,7 +84,7 @@ def test_defaults_real_model_with_its_own_chat_template():
 
 @pytest.mark.parametrize("flags, expected", [
     ({"amx_bf16", "avx512_bf16", "avx2"}, (torch.float32, True)),
-    ({"avx512_bf16", "avx512f"}, (torch.float32, True)),
+    ({"avx512_bf16", "avx512f"}, (torch.float32, False)),  # bf16 products slower than fp32 without AMX
     ({"avx2", "avx512f"}, (torch.float32, False)),
     (set(), (torch.float32, False)),
 ])
@@ -131,7 +131,7 @@ def test_warmup_is_a_ratio_by_default_and_warns_when_it_takes_most_of_the_run(ca
 
 @pytest.mark.slow
 def test_bf16_autocast_training_stays_within_2_percent_of_fp32(tmp_path):
-    """bf16-mixed (what --precision auto picks on AMX/AVX512-BF16 CPUs) against the fp32 reference, same batches."""
+    """bf16-mixed (what --precision auto picks on AMX CPUs) against the fp32 reference, same batches."""
     losses = {}
     for precision in ("fp32", "bf16-mixed"):
         result = finetune.train(base_model=TINY, output_dir=str(tmp_path / precision), max_steps=4, batch_size=8,

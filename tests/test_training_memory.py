@@ -109,7 +109,7 @@ def test_layers_with_a_bias_give_peft_s_loss_and_gradients():
 
 
 def test_as_close_to_fp32_as_peft_under_bf16_autocast(tiny_model_path):
-    """bf16 autocast (--precision auto on CPUs with AMX or AVX512-BF16): products run in bf16 as PEFT's do, so both
+    """bf16 autocast (--precision auto on CPUs with AMX): products run in bf16 as PEFT's do, so both
     differ from fp32 by bf16 rounding; LoraBranch no more than PEFT, and its fp32 adapter weights get fp32 gradients."""
     reference = loss_and_grads(peft_with_the_same_masks(tiny_model_path, 0.05), seed=1)
     models = peft_with_the_same_masks(tiny_model_path, 0.05), lora_model(tiny_model_path, 0.05)
@@ -256,3 +256,29 @@ def test_trainer_trims_between_layers_under_checkpointing_in_fp32(tiny_model_pat
     layers = model.base_model.model.model.layers
     assert all(("_medlora_trim_hook" in layer.__dict__) == trimmed for layer in layers)
     assert "forward" in layers[0].self_attn.q_proj.__dict__  # LoraBranch in every case
+
+
+def test_frozen_weights_are_cast_once_and_again_when_they_change():
+    """Under CPU autocast the LoRA path casts a frozen base weight to bf16 once and keeps it (memory.py): a changed
+    weight (an in-place update, a new tensor) is cast again, a trained one is never kept, and forget_casts frees it."""
+    from medlora.training.memory import _cast_once, _frozen_cast, forget_casts
+
+    linear = torch.nn.Linear(4, 3).requires_grad_(False)
+    first = _frozen_cast(linear, torch.bfloat16)
+    assert first[0] is _frozen_cast(linear, torch.bfloat16)[0] and first[0].dtype == torch.bfloat16
+    with torch.no_grad():
+        linear.weight.mul_(2)  # in place: the version changes
+    assert torch.equal(_frozen_cast(linear, torch.bfloat16)[0], linear.weight.to(torch.bfloat16))
+    linear.weight = torch.nn.Parameter(torch.ones(3, 4), requires_grad=False)  # a new tensor
+    assert torch.equal(_frozen_cast(linear, torch.bfloat16)[0], torch.ones(3, 4, dtype=torch.bfloat16))
+    trained = torch.nn.Linear(4, 3)
+    _frozen_cast(trained, torch.bfloat16)
+    assert "_medlora_cast" not in trained.__dict__
+    forget_casts(linear)
+    assert "_medlora_cast" not in linear.__dict__
+    # One cast for the layers that read the same input in a row; a new one once the input changes in place.
+    x = torch.randn(2, 4)
+    assert _cast_once(x, torch.bfloat16) is _cast_once(x, torch.bfloat16)
+    before = _cast_once(x, torch.bfloat16)
+    x.add_(1)
+    assert _cast_once(x, torch.bfloat16) is not before and torch.equal(_cast_once(x, torch.bfloat16), x.bfloat16())

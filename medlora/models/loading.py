@@ -85,7 +85,11 @@ def check_hub_reachable(repo_id: str, flag: str, filename: str = "config.json") 
 
 
 # ---- devices and precision ---------------------------------------------------------------------------------
-FAST_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+# CPUs with bf16 instructions (the bench measures bf16 there too), and those where bf16 autocast is the faster choice:
+# without AMX, oneDNN's bf16 products ran at 195 GFLOP/s against MKL's fp32 at 320, and a SmolLM2 training step
+# took 1.22x fp32's time (measured 2026-12-07, AVX512-BF16 without AMX: docs/BENCHMARKS.md).
+BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+AUTOCAST_CPU_FLAGS = frozenset({"amx_bf16"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +112,9 @@ def cpu_flags() -> set:
 
 
 def resolve_precision(precision: str = "auto") -> Precision:
-    """auto: bf16 on GPUs that support it, fp16 on older GPUs; on CPU, bf16 autocast where the CPU has AMX or
-    AVX512-BF16 (several times fp32's matmul speed), else fp32 (bf16 is emulated, far slower, elsewhere).
+    """auto: bf16 on GPUs that support it, fp16 on older GPUs; on CPU, bf16 autocast where the CPU has AMX
+    (several times fp32's matmul speed), else fp32 (slower bf16 products with AVX512-BF16 alone, emulated ones
+    elsewhere).
     bf16-mixed asks for the autocast path anywhere; bf16/fp16 load the weights in that type.
     MEDLORA_AUTO_PRECISION (e.g. fp32) replaces what auto picks, for every stage at once: the test suite runs
     under each precision a CPU can pick."""
@@ -131,9 +136,11 @@ def resolve_precision(precision: str = "auto") -> Precision:
         if torch.cuda.is_bf16_supported():
             return Precision(torch.bfloat16, False, "GPU supports bf16")
         return Precision(torch.float16, False, "GPU lacks bf16")
-    fast = sorted(FAST_BF16_CPU_FLAGS & cpu_flags())
-    if fast:
-        return Precision(torch.float32, True, f"CPU has {' and '.join(fast)}")
+    flags = cpu_flags()
+    if AUTOCAST_CPU_FLAGS & flags:
+        return Precision(torch.float32, True, f"CPU has {' and '.join(sorted(BF16_CPU_FLAGS & flags))}")
+    if BF16_CPU_FLAGS & flags:
+        return Precision(torch.float32, False, "CPU has avx512_bf16 but no AMX, where bf16 products are slower than fp32")
     return Precision(torch.float32, False, "CPU has no AMX or AVX512-BF16, where bf16 would be slower than fp32")
 
 

@@ -27,6 +27,12 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
     if boundaries is None or attention_mask is not None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    if query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # CPU autocast would run attention in bf16, whose flash kernel's backward takes twice fp32's time (measured
+        # on SmolLM2 records, docs/BENCHMARKS.md): attention in fp32, the products around it stay in bf16.
+        with torch.autocast("cpu", enabled=False):
+            return packed_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                            dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     grouped = key.shape[1] != query.shape[1]
     lengths = boundaries.diff().tolist()
     # split, not a slice per record: a slice's backward fills a zero tensor of the whole row for each record

@@ -36,6 +36,7 @@ GPUs) runs PEFT's own forward.
 
 import math
 import types
+import weakref
 
 import numpy as np
 import torch
@@ -159,16 +160,56 @@ def _lean_lora_forward(self, x, *args, **kwargs):
     if not _lean_applies(self, x, args, kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     self._check_forward_args(x)
-    result = self.base_layer(x)
+    autocast = torch.is_autocast_enabled("cpu")
+    if autocast:
+        x = _cast_once(x, torch.get_autocast_dtype("cpu"))
+        weight, bias = _frozen_cast(self.base_layer, x.dtype)
+        result = torch.nn.functional.linear(x, weight, bias)
+    else:
+        result = self.base_layer(x)
     torch_result_dtype = result.dtype
     for name in self.active_adapters:
         if name not in self.lora_A:
             continue
         lora_a = self.lora_A[name]
-        x = self._cast_input_dtype(x, lora_a.weight.dtype)
+        if not autocast:  # (under autocast the branch computes in the autocast dtype: no round trip to fp32)
+            x = self._cast_input_dtype(x, lora_a.weight.dtype)
         result = LoraBranch.apply(x, result, lora_a.weight, self.lora_B[name].weight,
                                   _dropout_p(self.lora_dropout[name]), self.scaling[name])
     return result.to(torch_result_dtype)
+
+
+# ---- bf16 autocast on CPU: each cast made once -----------------------------------------------------------------
+# Autocast casts a Linear's fp32 weight to bf16 at every call (it caches casts of trainable weights only), and the
+# input once for the base layer and again for the LoRA branch; q/k/v (and gate/up) share one input, cast six (four)
+# times. Copies were 12% of a SmolLM2 bf16 step on CPU (docs/BENCHMARKS.md). A frozen base weight is cast once and
+# kept (autocast's copies lived from the forward to the backward pass anyway), and an input is cast once for all
+# the layers that read it in a row.
+_last_cast = (None, -1, None)  # (weak reference to the source, its version, the cast)
+
+
+def _cast_once(x: torch.Tensor, dtype) -> torch.Tensor:
+    global _last_cast
+    if x.dtype == dtype:
+        return x
+    source, version, cast = _last_cast
+    if source is not None and source() is x and version == x._version and cast.dtype == dtype:
+        return cast
+    cast = x.to(dtype)
+    _last_cast = (weakref.ref(x), x._version, cast)
+    return cast
+
+
+def _frozen_cast(linear, dtype) -> tuple:
+    """(weight, bias) of a frozen Linear in dtype, cast at first use and again only if the weight changes."""
+    weight, bias = linear.weight, linear.bias
+    if weight.requires_grad or (bias is not None and bias.requires_grad):  # trained: autocast's own handling
+        return weight.to(dtype), None if bias is None else bias.to(dtype)
+    key = (weight.data_ptr(), weight._version, dtype)
+    cached = linear.__dict__.get("_medlora_cast")
+    if cached is None or cached[0] != key:
+        cached = linear.__dict__["_medlora_cast"] = (key, weight.to(dtype), None if bias is None else bias.to(dtype))
+    return cached[1], cached[2]
 
 
 # ---- the heap trimmed between decoder layers ----------------------------------------------------------------
@@ -206,8 +247,17 @@ def reduce_training_memory(model, trim_between_layers: bool = False) -> int:
     return changed
 
 
+def forget_casts(model) -> None:
+    """Free the bf16 copies of frozen weights kept for training (after it, or before anything else uses the model)."""
+    global _last_cast
+    _last_cast = (None, -1, None)
+    for module in model.modules():
+        module.__dict__.pop("_medlora_cast", None)
+
+
 def restore_training_memory(model) -> None:
-    """Undo reduce_training_memory: the class's own forward again, no trimming hooks."""
+    """Undo reduce_training_memory: the class's own forward again, no trimming hooks, no cast weights kept."""
+    forget_casts(model)
     for module in model.modules():
         if module.__dict__.get("forward") is not None and getattr(module.forward, "__func__", None) is _lean_lora_forward:
             del module.forward

@@ -27,7 +27,7 @@ from medlora.run_folder import CHECKPOINT_COMPLETE, RunFolder
 from medlora.training import distributed
 from medlora.training.loss import label_only_loss
 from medlora.training.malloc import trim_malloc, tune_malloc
-from medlora.training.memory import reduce_training_memory
+from medlora.training.memory import forget_casts, reduce_training_memory
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,10 @@ class LabelOnlyLossTrainer(Trainer):
 
 def drop_mixed_precision_wrapper(trainer) -> None:
     """After mixed-precision training (bf16 autocast on CPUs with AMX) accelerate leaves autocast around the model's
-    forward: drop it, so that what the stage computes next, and the model it hands back, match a fresh load."""
+    forward: drop it, and the bf16 copies of frozen weights kept for training, so that what the stage computes next,
+    and the model it hands back, match a fresh load."""
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    forget_casts(trainer.model)
 
 
 class TrimMalloc(TrainerCallback):
