@@ -149,8 +149,8 @@ def main(configs: str = ",".join(TRAINING_CONFIGS + EXTRA_CONFIGS), device: str 
         for run_shape, count in counts.items():
             data_file(work, run_shape).write_text(json.dumps(bench_records[:count], ensure_ascii=False),
                                                   encoding="utf-8")
-        machine["bench_data"] = f"{data_path or default_bench_data()} ({len(bench_records)} records), tokenizer: " \
-                                f"{'LLaMA' if LLAMA_TOKENIZER.is_file() else 'the tiny model SentencePiece'}"
+        machine["bench_data"] = data_path or default_bench_data()
+        machine["bench_tokenizer"] = "LLaMA" if LLAMA_TOKENIZER.is_file() else "the tiny model SentencePiece"
         for run_shape in dict.fromkeys(shape_name for _, shape_name, _, _ in runs):
             build_bench_model(work / run_shape, run_shape, device)
         progress = tqdm(runs, desc="benchmark", unit="run")
@@ -696,7 +696,8 @@ def render_report(results, machine, records, device, shape="cpu", precision="fp3
              f"({machine['cores']} cores{threads if device == 'cpu' else ''}); "
              f"{machine['versions']}; load average (1, 5, 15 min) {load(machine['load_before'])} before, "
              f"{load(machine.get('load_after', machine['load_before']))} after.",
-             f"Data: {machine.get('bench_data', default_bench_data())}.", ""]
+             f"Data: {machine.get('bench_data', default_bench_data())} ({records} records), tokenizer: "
+             f"{machine.get('bench_tokenizer', 'LLaMA')}.", ""]
     if shape == "smollm2-135m":  # a built-in model brings its own tokenizer
         lines[1] = lines[1].split(", tokenizer: ")[0] + ", tokenizer: SmolLM2's own."
     training = [r for r in results if r["config"] in TRAINING_CONFIGS]
