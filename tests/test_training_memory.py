@@ -282,3 +282,25 @@ def test_frozen_weights_are_cast_once_and_again_when_they_change():
     before = _cast_once(x, torch.bfloat16)
     x.add_(1)
     assert _cast_once(x, torch.bfloat16) is not before and torch.equal(_cast_once(x, torch.bfloat16), x.bfloat16())
+
+
+def test_a_conv1d_base_layer_keeps_its_own_forward_under_bf16_autocast():
+    """GPT-2's Conv1D holds its weight transposed: under CPU autocast its LoRA layer runs the Conv1D itself, not the
+    cast-once Linear path, and computes what PEFT's own forward does (no dropout: the same computation)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=100, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = get_peft_model(GPT2LMHeadModel(config), LoraConfig(r=4, target_modules=["c_attn"], lora_dropout=0.0,
+                                                                   fan_in_fan_out=True, init_lora_weights=False))
+        models.append(model.train())
+    assert reduce_training_memory(models[1]) == 1
+    input_ids = torch.randint(0, 100, (1, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stock, lean = (model(input_ids=input_ids).logits.float() for model in models)
+    torch.testing.assert_close(lean, stock, rtol=2 ** -7, atol=2 ** -7 * stock.abs().max().item())

@@ -163,6 +163,7 @@ def _lean_lora_forward(self, x, *args, **kwargs):
     autocast = torch.is_autocast_enabled("cpu")
     if autocast:
         x = _cast_once(x, torch.get_autocast_dtype("cpu"))
+    if autocast and type(self.base_layer) is torch.nn.Linear:  # (GPT-2's Conv1D keeps its own forward)
         weight, bias = _frozen_cast(self.base_layer, x.dtype)
         result = torch.nn.functional.linear(x, weight, bias)
     else:
