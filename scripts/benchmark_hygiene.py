@@ -107,9 +107,9 @@ def synthetic_records(real: list, total: int, rng: random.Random) -> tuple:
 
 
 def shingles(messages: list) -> set:
-    from medlora.data.hygiene import shingle_set, words
+    from medlora.data.hygiene import record_shingles, words
 
-    return shingle_set([word for m in messages for word in words(m["content"])])
+    return record_shingles([words(m["content"]) for m in messages])
 
 
 def shuffled(text: str, rng: random.Random) -> str:
