@@ -21,7 +21,7 @@ from medlora.data.records import usage_lines
 from medlora.data.templates import PromptTemplate
 from medlora.data.tokenization import DROPPED_BY_TRUNCATION
 from medlora.errors import MedLoRAError
-from medlora.flag_groups import CHECKPOINTS, DATA, HYGIENE, LORA, MODEL, TRAINING
+from medlora.flag_groups import CHECKPOINTS, DATA, HYGIENE, LORA, MODEL, SPEED, TRAINING
 from medlora.flags import Flag, FlagGroup, stage_flags
 from medlora.paths import DATA_DIR
 
@@ -36,6 +36,7 @@ logger = logging.getLogger("finetune")
     FlagGroup("sft data", split_dialogues=False),
     HYGIENE,
     TRAINING.but(num_epochs=3),
+    SPEED,
     LORA,
     FlagGroup("lora variants", lora_modules_to_save=Flag(None, str | list | None), use_lora=True, use_dora=False,
               use_rslora=False),
@@ -93,7 +94,9 @@ def train(flags):
         processes = "1 process" if stage.world_size == 1 else f"{stage.world_size} processes (data parallel)"
         print(f"training: {processes}, {stage.total_steps} optimizer steps, precision {stage.precision.describe()}, "
               f"{'packed' if packing else 'padded'} batches, {attention} attention, "
-              f"{stage.gradient_accumulation_steps} accumulation step(s)", flush=True)
+              f"{stage.gradient_accumulation_steps} accumulation step(s)"
+              f"{', decoder layers compiled (the first step includes compiling)' if flags.torch_compile else ''}",
+              flush=True)
     result = train_with_start_and_end_evaluation(trainer, stage.resume_from_checkpoint)
 
     # ---- save ----------------------------------------------------------------------------------------------
@@ -190,7 +193,8 @@ def build_trainer(flags, stage, model, tokenizer, train_report, val_report, pack
         remove_unused_columns=False, prediction_loss_only=True)
     return LabelOnlyLossTrainer(
         model=model, args=args, train_dataset=as_dicts(train_report), eval_dataset=as_dicts(val_report) or None,
-        data_collator=PackedCollator() if packing else PaddedCollator(tokenizer.pad_token_id))
+        data_collator=PackedCollator() if packing else PaddedCollator(tokenizer.pad_token_id),
+        compile_layers=flags.torch_compile)
 
 
 def train_with_start_and_end_evaluation(trainer, resume_from_checkpoint):

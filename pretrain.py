@@ -20,7 +20,7 @@ import math
 
 from medlora import cli
 from medlora.errors import MedLoRAError
-from medlora.flag_groups import CHECKPOINTS, DATA, HYGIENE, LORA, MODEL, TRAINING
+from medlora.flag_groups import CHECKPOINTS, DATA, HYGIENE, LORA, MODEL, SPEED, TRAINING
 from medlora.flags import FlagGroup, stage_flags
 from medlora.paths import DATA_DIR
 
@@ -34,6 +34,7 @@ logger = logging.getLogger("pretrain")
     FlagGroup("text", text_field="text", block_size=512, use_lora=True),
     HYGIENE,
     TRAINING.but(learning_rate=2e-4, warmup_steps=10).without("cutoff_len"),
+    SPEED,
     LORA,
     CHECKPOINTS,
 )
@@ -148,7 +149,8 @@ def build_trainer(flags, stage, model, tokenizer, train_blocks, val_blocks):
                                     prediction_loss_only=True)
     return LabelOnlyLossTrainer(model=model, args=args, train_dataset=as_dicts(train_blocks),
                                 eval_dataset=as_dicts(val_blocks) or None,
-                                data_collator=PaddedCollator(tokenizer.pad_token_id))  # equal-length blocks: no padding
+                                data_collator=PaddedCollator(tokenizer.pad_token_id),  # equal-length blocks: no padding
+                                compile_layers=flags.torch_compile)
 
 
 def print_data_summary(flags, data_description, hygiene, train_blocks, val_blocks, model):

@@ -78,7 +78,7 @@ def train(flags):
     from medlora.training import distributed
     from medlora.training.rewards import mean_greedy_reward
     from medlora.training.stage import TrainingStage
-    from medlora.training.trainer import drop_mixed_precision_wrapper
+    from medlora.training.trainer import undo_training_changes
 
     stage = TrainingStage("rl", flags)
     if flags.num_generations < 2 or flags.batch_size % flags.num_generations:
@@ -100,7 +100,7 @@ def train(flags):
                                                reward_function, flags.max_completion_length)
     before = greedy_reward()
     result = trainer.train(resume_from_checkpoint=stage.resume_from_checkpoint)
-    drop_mixed_precision_wrapper(trainer)  # "after" in the precision "before" was measured in
+    undo_training_changes(trainer)  # "after" in the precision "before" was measured in
     after = greedy_reward()
 
     model = trainer.model

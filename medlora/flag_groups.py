@@ -74,6 +74,14 @@ TRAINING = FlagGroup(
                                              "memory, slower (about one more forward pass per step)."),
 )
 
+SPEED = FlagGroup(
+    "speed",
+    torch_compile=Flag(False, bool, "Compile the decoder layers for training (torch.compile, one compilation for "
+                                    "all layers, attention eager): fp32 steps on CPU about 15% faster after 20-50 s "
+                                    "of compiling at the start (docs/BENCHMARKS.md); pays on runs of more than a few "
+                                    "minutes. Needs a C++ compiler."),
+)
+
 LORA = FlagGroup(
     "lora hyperparameters",
     lora_r=Flag(8, int, "LoRA rank (of a fresh adapter)."),

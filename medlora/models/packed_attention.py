@@ -33,6 +33,11 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
         with torch.autocast("cpu", enabled=False):
             return packed_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
                                             dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    return _attend_records(query, key, value, boundaries, dropout, scaling)
+
+
+@torch.compiler.disable  # under --torch_compile: the record lengths are data, not a shape to compile for
+def _attend_records(query, key, value, boundaries, dropout, scaling):
     grouped = key.shape[1] != query.shape[1]
     lengths = boundaries.diff().tolist()
     # split, not a slice per record: a slice's backward fills a zero tensor of the whole row for each record

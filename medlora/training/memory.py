@@ -228,7 +228,7 @@ def _trim_in_backward(grad):
     trim_malloc()  # the layer above has finished its backward (and its recomputation, under checkpointing)
 
 
-def _decoder_layers(model):
+def decoder_layers(model):
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
@@ -242,7 +242,7 @@ def reduce_training_memory(model, trim_between_layers: bool = False) -> int:
         if _plain_lora_linear(module) and "forward" not in module.__dict__:
             module.forward = types.MethodType(_lean_lora_forward, module)
             changed += 1
-    for layer in _decoder_layers(model) if trim_between_layers else ():
+    for layer in decoder_layers(model) if trim_between_layers else ():
         if "_medlora_trim_hook" not in layer.__dict__:
             layer._medlora_trim_hook = layer.register_forward_hook(_trim_after_layer)
     return changed
@@ -262,6 +262,6 @@ def restore_training_memory(model) -> None:
     for module in model.modules():
         if module.__dict__.get("forward") is not None and getattr(module.forward, "__func__", None) is _lean_lora_forward:
             del module.forward
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model):
         if "_medlora_trim_hook" in layer.__dict__:
             layer.__dict__.pop("_medlora_trim_hook").remove()

@@ -131,9 +131,9 @@ class TrainingStage:
         """On the main process: the model, tokenizer, training log and medlora_run.json (the flags as given
         and what was resolved) into --output_dir. Returns whether this process saved."""
         from medlora.training.saving import save_trained_model
-        from medlora.training.trainer import drop_mixed_precision_wrapper
+        from medlora.training.trainer import undo_training_changes
 
-        drop_mixed_precision_wrapper(trainer)
+        undo_training_changes(trainer)
         if not trainer.is_world_process_zero():
             return False
         self.settings.update(stage=self.name, base_model=self.base_model, dtype=str(self.precision.weights).replace(

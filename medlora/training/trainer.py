@@ -25,6 +25,7 @@ from transformers import Trainer, TrainerCallback
 from medlora.errors import MedLoRAError
 from medlora.run_folder import CHECKPOINT_COMPLETE, RunFolder
 from medlora.training import distributed
+from medlora.training.compiling import compile_decoder_layers, uncompile_decoder_layers
 from medlora.training.loss import label_only_loss
 from medlora.training.malloc import trim_malloc, tune_malloc
 from medlora.training.memory import forget_casts, reduce_training_memory
@@ -36,16 +37,19 @@ class LabelOnlyLossTrainer(Trainer):
     # compute_loss below already divides by the trained tokens of the whole accumulated batch.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, compile_layers: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         # Makes the Trainer count trained tokens per accumulated batch and pass them as num_items_in_batch.
         self.model_accepts_loss_kwargs = True
         self.add_callback(MarkCompleteCheckpoints())
+        if compile_layers:  # --torch_compile (compiling.py)
+            compile_decoder_layers(self.model)
         if self.args.device.type == "cpu":
-            # LoRA branches without float copies of their inputs (memory.py); glibc set for memory under
-            # checkpointing, for reusing freed pages otherwise (malloc.py)
+            # LoRA branches without float copies of their inputs (memory.py; compiled layers fuse PEFT's instead);
+            # glibc set for memory under checkpointing, for reusing freed pages otherwise (malloc.py)
             memory_first = self.args.gradient_checkpointing
-            reduce_training_memory(self.model, trim_between_layers=memory_first and not self.args.bf16)
+            if not compile_layers:
+                reduce_training_memory(self.model, trim_between_layers=memory_first and not self.args.bf16)
             tune_malloc(memory_first)
             self.add_callback(TrimMalloc(after_every_step=memory_first))
 
@@ -59,12 +63,13 @@ class LabelOnlyLossTrainer(Trainer):
         return (loss, {}) if return_outputs else loss
 
 
-def drop_mixed_precision_wrapper(trainer) -> None:
-    """After mixed-precision training (bf16 autocast on CPUs with AMX) accelerate leaves autocast around the model's
-    forward: drop it, and the bf16 copies of frozen weights kept for training, so that what the stage computes next,
-    and the model it hands back, match a fresh load."""
+def undo_training_changes(trainer) -> None:
+    """What training put on the model taken off, so that what the stage computes next, and the model it hands
+    back, match a fresh load: the autocast accelerate leaves around the forward after mixed-precision training
+    (bf16 autocast on CPUs with AMX), the bf16 copies of frozen weights kept for it, compiled layers."""
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     forget_casts(trainer.model)
+    uncompile_decoder_layers(trainer.model)
 
 
 class TrimMalloc(TrainerCallback):

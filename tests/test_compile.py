@@ -1,0 +1,79 @@
+"""--torch_compile (medlora/training/compiling.py): compiled decoder layers compute what eager training computes,
+with the same dropout masks in the same order, a mask of its own for every LoRA layer, and leave nothing behind.
+The documented `python finetune.py --torch_compile` runs on SmolLM2 in tests/test_documented_commands.py."""
+
+import json
+
+import pytest
+import torch
+
+import finetune
+from medlora.training import compiling
+from medlora.training.compiling import compile_decoder_layers, uncompile_decoder_layers
+from medlora.training.memory import reduce_training_memory
+from tests.test_training_memory import assert_close_to_scale, lora_model, loss_and_grads
+
+pytestmark = pytest.mark.slow  # each test compiles (tens of seconds on 2 cores)
+
+
+@pytest.fixture
+def counted_masks(monkeypatch):
+    """The masks the compiled layers draw, in order (shapes)."""
+    drawn = []
+    original = compiling.dropout_drop_mask
+
+    def counting(shape, p):
+        drawn.append(tuple(shape))
+        return original(shape, p)
+
+    monkeypatch.setattr(compiling, "dropout_drop_mask", counting)
+    return drawn
+
+
+@pytest.mark.parametrize("dropout, checkpointing", [(0.05, False), (0.05, True), (0.0, False)])
+def test_compiled_layers_give_eager_loss_and_gradients(tiny_model_path, counted_masks, dropout, checkpointing):
+    eager, compiled = lora_model(tiny_model_path, dropout), lora_model(tiny_model_path, dropout)
+    for model in (eager, compiled):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    reduce_training_memory(eager)  # what CPU training runs without --torch_compile
+    layers = eager.config.num_hidden_layers
+    assert compile_decoder_layers(compiled) == layers
+    expected = loss_and_grads(eager, seed=1)
+    for seed in (1, 1):  # the second call reuses the compiled graphs
+        counted_masks.clear()
+        actual = loss_and_grads(compiled, seed=seed)
+        torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=0)
+        for name in expected[1]:
+            assert_close_to_scale(actual[1][name], expected[1][name], 1e-5, name)
+        assert torch.equal(actual[2], expected[2])  # as many random numbers drawn as eager training
+    # one mask per LoRA layer and forward pass (checkpointing recomputes them: the same draws again), never one
+    # shared by q, k and v, which read the same input: the compiler merged those until each got its own salt
+    per_forward = 7 * layers if dropout else 0
+    assert len(counted_masks) == per_forward * (2 if checkpointing else 1)
+    uncompile_decoder_layers(compiled)
+    assert not any("forward" in module.__dict__ for module in compiled.modules())
+
+
+def train_tiny(tiny_model_path, output_dir, torch_compile):
+    return finetune.train(base_model=str(tiny_model_path), output_dir=str(output_dir), max_steps=3, batch_size=8,
+                          micro_batch_size=4, val_set_size=8, warmup_steps=0, learning_rate=1e-2, cutoff_len=128,
+                          lora_target_modules="all-linear", logging_steps=1, save_steps=1000, precision="fp32",
+                          torch_compile=torch_compile)
+
+
+def test_finetune_with_torch_compile_logs_the_eager_losses_and_saves_a_plain_model(tiny_model_path, tmp_path,
+                                                                                   capsys):
+    eager = train_tiny(tiny_model_path, tmp_path / "eager", torch_compile=False)
+    capsys.readouterr()
+    compiled = train_tiny(tiny_model_path, tmp_path / "compiled", torch_compile=True)
+    assert "decoder layers compiled" in capsys.readouterr().out
+    losses = [[entry[key] for entry in run.trainer.state.log_history for key in ("loss", "eval_loss") if key in entry]
+              for run in (eager, compiled)]
+    assert len(losses[0]) == 3 + 2  # three steps, the validation loss before and after
+    for actual, expected in zip(*losses):  # packed batches, the eager attention, the same masks: the same run
+        assert actual == pytest.approx(expected, rel=1e-5)
+    assert not any("forward" in module.__dict__ for module in compiled.model.modules())  # nothing left behind
+    settings = json.loads((tmp_path / "compiled" / "medlora_run.json").read_text())
+    assert settings["torch_compile"] is True
