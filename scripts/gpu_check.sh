@@ -25,7 +25,7 @@ STEPS=(
   "install|120|join the parts (sha256 checked) and pip install their wheels into $SITE"
   "preflight|90|versions, imports, the CUDA device, bitsandbytes' CUDA library (versions.json)"
   "convert|150|SmolLM2's GGUF converted once into the model cache, the GPU tests' base model"
-  "tests|240|pytest -m gpu tests/test_gpu.py -k 'not benchmark', 3 workers: LoRA in bf16 and its reload, packed vs padded loss, QLoRA, merged export, generate.py, serve.py, torchrun"
+  "tests|240|pytest -m gpu tests/test_gpu.py -k 'not benchmark', 3 workers: LoRA in bf16 and its reload, packed vs padded loss, --torch_compile, QLoRA, merged export, generate.py, serve.py, torchrun"
   "benchmark|300|pytest -m gpu tests/test_gpu.py -k benchmark, alone on the GPU: benchmark.py --device cuda on Llama-3.2-1B, LoRA and QLoRA, MedLoRA vs alpaca-lora vs TRL"
   "report|30|gpu_check.md (sections gpu-check and cuda) in the results; without \$OUT also into docs/BENCHMARKS.md"
 )
