@@ -14,6 +14,10 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "note: chromium is not installed and this user cannot install it; the web UI test will be skipped"
   fi
 fi
+# --torch_compile's tests build kernels with a C++ compiler (the CI image has g++; a bare machine may not).
+if ! command -v g++ >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq g++ >/dev/null) || echo "warning: could not install g++"
+fi
 # One thread per process: tests start several processes (torchrun, servers), and oversubscribed
 # OpenMP threads spin against each other on a small machine.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

@@ -106,3 +106,15 @@ def test_pretrain_with_torch_compile_logs_the_eager_losses(tiny_model_path, tmp_
         assert not any(compiled_forward(module) for module in result.model.modules())
     assert len(runs[False]) == 3
     assert runs[True] == pytest.approx(runs[False], rel=1e-5)
+
+
+def test_torch_compile_without_a_cpp_compiler_stops_before_any_work(tmp_path, monkeypatch):
+    from tests.test_bad_input import run_command
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ on it (inductor looks for one on PATH)
+    status, stderr = run_command("finetune", ["--base_model", "builtin:tiny-llama", "--output_dir", tmp_path / "out",
+                                              "--torch_compile"])
+    assert status == 2
+    assert stderr.startswith("error: --torch_compile: No working C++ compiler found") and stderr.count("\n") == 1
+    assert "apt-get install g++" in stderr
+    assert not (tmp_path / "out").exists()

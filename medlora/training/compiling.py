@@ -22,7 +22,22 @@ import types
 
 import torch
 
+from medlora.errors import MedLoRAError
 from medlora.training.memory import decoder_layers, dropout_drop_mask
+
+
+def check_compiler() -> None:
+    """On CPU inductor builds its kernels with a C++ compiler: without one, --torch_compile stops before any work
+    instead of failing inside the first training step."""
+    if torch.cuda.is_available():
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as error:  # inductor's InvalidCxxCompiler
+        raise MedLoRAError(f"--torch_compile: {error}; install one (Debian/Ubuntu: apt-get install g++) or train "
+                           "without --torch_compile") from None
 
 
 @torch.library.custom_op("medlora::dropout_drop_mask", mutates_args=())

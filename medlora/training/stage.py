@@ -48,6 +48,10 @@ class TrainingStage:
         self.base_model, self.template_name = continued_adapter_defaults(
             self.lora_weights, flags.base_model, getattr(flags, "prompt_template_name", ""))
         self.precision = resolve_precision(flags.precision)  # an unknown value fails here, before any work
+        if getattr(flags, "torch_compile", False):
+            from medlora.training.compiling import check_compiler
+
+            check_compiler()
 
     def data_tokenizer(self) -> tuple:
         """(resolved base model path, tokenizer) for the data phase, which runs before the model loads: the
