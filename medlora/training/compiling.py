@@ -1,15 +1,16 @@
 """--torch_compile: the decoder layers compiled for training, one compilation shared by every layer.
 
 Regional compilation (PyTorch's recipe for stacks of identical blocks): each decoder layer's forward goes through
-one `torch.compile`d function, with dynamic shapes, so that 30 layers and every batch length share one compiled
-graph (plus one for the backward pass). What it buys is fusion of the elementwise work between the matrix products
+one `torch.compile`d function, with dynamic shapes, so that 30 layers and every batch length share two compiled
+graphs (the first layer's input needs no gradient, the others' do) and their backward graphs. What it buys is fusion of the elementwise work between the matrix products
 (norms, rotary embeddings, the SiLU gate, residual adds, dropout and the LoRA scaling), which is most of what an
-fp32 training step on CPU spends outside its products (docs/BENCHMARKS.md, "torch.compile").
+fp32 training step on CPU spends outside its products (docs/BENCHMARKS.md, "The ideas the issue named,
+measured").
 
 - Attention stays eager: packed attention loops over records whose lengths the batch decides
   (medlora/models/packed_attention.py keeps it out of the graph).
 - On CPU the LoRA dropout masks come from the same generator as eager training (memory.dropout_drop_mask, a
-  custom op opaque to the compiler): inductor's own CPU random numbers took 14x as long. Each dropout of a layer
+  custom op opaque to the compiler): inductor's own CPU random numbers took 6x as long. Each dropout of a layer
   passes its own `salt`, because the compiler merges calls with equal arguments: without it q, k and v (which read
   the same input) got one mask between them. PEFT's LoRA forward runs inside the graph; LoraBranch (memory.py),
   an autograd function the compiler cannot see into, is not installed.
