@@ -77,9 +77,10 @@ TRAINING = FlagGroup(
 SPEED = FlagGroup(
     "speed",
     torch_compile=Flag(False, bool, "Compile the decoder layers for training (torch.compile, one compilation for "
-                                    "all layers, attention eager): fp32 steps on CPU about 15% faster after 20-50 s "
-                                    "of compiling at the start (docs/BENCHMARKS.md); pays on runs of more than a few "
-                                    "minutes. Needs a C++ compiler."),
+                                    "all layers, attention eager): fp32 steps on SmolLM2 13-18% faster on a 2-core "
+                                    "Xeon after 16-50 s of compiling at the start (measured 2026-12-07, "
+                                    "docs/BENCHMARKS.md); pays on runs of more than a few minutes. Needs a C++ "
+                                    "compiler."),
 )
 
 LORA = FlagGroup(
