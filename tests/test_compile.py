@@ -11,7 +11,7 @@ import torch
 
 import finetune
 from medlora.training import compiling
-from medlora.training.compiling import compile_decoder_layers, uncompile_decoder_layers
+from medlora.training.compiling import compile_decoder_layers, is_compiled, uncompile_decoder_layers
 from medlora.training.memory import reduce_training_memory
 from tests.conftest import run_script
 from tests.test_training_memory import assert_close_to_scale, lora_model, loss_and_grads
@@ -66,11 +66,6 @@ def test_compiled_layers_give_eager_loss_and_gradients(tiny_model_path, counted_
 LEARNING_RATE = 1e-4
 
 
-def compiled_forward(module) -> bool:
-    return getattr(module.__dict__.get("forward"), "__func__", None) in (compiling._compiled_when_training,
-                                                                          compiling._cpu_dropout)
-
-
 def train_tiny(tiny_model_path, output_dir, torch_compile):
     return finetune.train(base_model=str(tiny_model_path), output_dir=str(output_dir), max_steps=3, batch_size=8,
                           micro_batch_size=4, val_set_size=8, warmup_steps=0, learning_rate=LEARNING_RATE,
@@ -89,7 +84,7 @@ def test_finetune_with_torch_compile_logs_the_eager_losses_and_saves_a_plain_mod
     assert len(losses[0]) == 3 + 2  # three steps, the validation loss before and after
     for actual, expected in zip(*losses):  # packed batches, the eager attention, the same masks: the same run
         assert actual == pytest.approx(expected, rel=1e-5)
-    assert not any(compiled_forward(module) for module in compiled.model.modules())  # nothing left behind
+    assert not any(is_compiled(module) for module in compiled.model.modules())  # nothing left behind
     settings = json.loads((tmp_path / "compiled" / "medlora_run.json").read_text())
     assert settings["torch_compile"] is True
 
@@ -106,7 +101,7 @@ def test_pretrain_with_torch_compile_logs_the_eager_losses(tiny_model_path, tmp_
                                    precision="fp32", logging_steps=1, save_steps=1000, torch_compile=torch_compile)
         log = json.loads((output_dir / "training_log.json").read_text())
         runs[torch_compile] = [entry["loss"] for entry in log if "loss" in entry]
-        assert not any(compiled_forward(module) for module in result.model.modules())
+        assert not any(is_compiled(module) for module in result.model.modules())
     assert len(runs[False]) == 3
     assert runs[True] == pytest.approx(runs[False], rel=1e-5)
 

@@ -95,9 +95,14 @@ def compile_decoder_layers(model) -> int:
     return len(layers)
 
 
+def is_compiled(module) -> bool:
+    """Whether compile_decoder_layers changed this module's forward (a decoder layer, or a dropout on CPU)."""
+    return getattr(module.__dict__.get("forward"), "__func__", None) in (_compiled_when_training, _cpu_dropout)
+
+
 def uncompile_decoder_layers(model) -> None:
     """Undo compile_decoder_layers: every layer and dropout with its class's own forward."""
     for module in model.modules():
-        if getattr(module.__dict__.get("forward"), "__func__", None) in (_compiled_when_training, _cpu_dropout):
+        if is_compiled(module):
             del module.forward
             module.__dict__.pop("medlora_salt", None)
