@@ -11,7 +11,11 @@ import torch
 
 import finetune
 from medlora.training import compiling
-from medlora.training.compiling import compile_decoder_layers, is_compiled, uncompile_decoder_layers
+from medlora.training.compiling import (
+    compile_decoder_layers,
+    is_compiled,
+    uncompile_decoder_layers,
+)
 from medlora.training.memory import reduce_training_memory
 from tests.conftest import run_script
 from tests.test_training_memory import assert_close_to_scale, lora_model, loss_and_grads

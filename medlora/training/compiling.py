@@ -33,10 +33,11 @@ def check_compiler() -> None:
     if torch.cuda.is_available():
         return
     from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
 
     try:
         get_cpp_compiler()
-    except Exception as error:  # inductor's InvalidCxxCompiler
+    except InvalidCxxCompiler as error:
         raise MedLoRAError(f"--torch_compile: {error}; install one (Debian/Ubuntu: apt-get install g++) or train "
                            "without --torch_compile") from None
 
